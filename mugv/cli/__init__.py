@@ -1,0 +1,1 @@
+"""The `mugv` command line."""

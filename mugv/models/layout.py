@@ -1,0 +1,125 @@
+"""The token sequence of MUGDiT and the per-frame conditioning that rides on it.
+
+A clip of T latent frames with an Hp x Wp patch grid (S = Hp * Wp tokens a frame) is the
+sequence [start, T*S video tokens (frame-major, row, column), end] of N = T*S + 2 tokens.
+Every token is conditioned either by its frame's vector (frames being denoised use the
+noisy-timestep modulation, clean conditioning frames the t=0 one) or, for start/end, by the
+t=0 vector. `TokenLayout.runs()` cuts any contiguous slice of that sequence (all of it in the
+plain model; one rank's shard under sequence/context parallelism) into runs of whole frames,
+so a per-frame table [.., T+1, ..] (row T = the start/end row) is applied by broadcasting over
+the S tokens of a frame instead of being materialised per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Run:
+    """Local tokens [offset, offset + frames * per_frame) belong to table rows `rows` (one each)."""
+
+    offset: int
+    frames: int
+    per_frame: int
+    row_lo: int  # rows row_lo .. row_lo + frames - 1 of the per-frame table
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Global geometry of the sequence, and the slice [lo, hi) of it that this module holds."""
+
+    T: int
+    Hp: int
+    Wp: int
+    lo: int = 0
+    hi: int | None = None
+
+    @property
+    def S(self) -> int:
+        return self.Hp * self.Wp
+
+    @property
+    def N(self) -> int:
+        return self.T * self.S + 2
+
+    @property
+    def stop(self) -> int:
+        return self.N if self.hi is None else self.hi
+
+    def shard(self, lo: int, hi: int) -> TokenLayout:
+        return TokenLayout(self.T, self.Hp, self.Wp, lo, hi)
+
+    def runs(self) -> list[Run]:
+        lo, hi, S, T = self.lo, self.stop, self.S, self.T
+        out: list[Run] = []
+        if lo == 0:
+            out.append(Run(0, 1, 1, T))
+        a, b = max(lo, 1), min(hi, 1 + T * S)
+        while a < b:
+            frame, within = divmod(a - 1, S)
+            if within == 0 and b - a >= S:
+                n = (b - a) // S
+                out.append(Run(a - lo, n, S, frame))
+                a += n * S
+            else:
+                take = min(S - within, b - a)
+                out.append(Run(a - lo, 1, take, frame))
+                a += take
+        if hi == self.N:
+            out.append(Run(hi - 1 - lo, 1, 1, T))
+        return out
+
+    def positions(self, frame_indices: torch.Tensor) -> torch.Tensor:
+        """(t, h, w) RoPE positions of the held tokens, [B, n, 3] long.
+
+        frame_indices: [B, T + 2]. Latent frame k sits at temporal position frame_indices[:, k+1];
+        start token at (frame_indices[:, 0], 0, 0), end token at (frame_indices[:, T+1], Hp-1, Wp-1).
+        """
+        dev = frame_indices.device
+        g = torch.arange(self.lo, self.stop, device=dev)
+        v = (g - 1).clamp(0, self.T * self.S - 1)
+        frame, within = v // self.S, v % self.S
+        h, w = within // self.Wp, within % self.Wp
+        tidx = frame + 1
+        is_start, is_end = g == 0, g == self.N - 1
+        tidx = torch.where(is_start, 0, torch.where(is_end, self.T + 1, tidx))
+        h = torch.where(is_start, 0, torch.where(is_end, self.Hp - 1, h))
+        w = torch.where(is_start, 0, torch.where(is_end, self.Wp - 1, w))
+        t = frame_indices.long()[:, tidx]  # [B, n]
+        B = frame_indices.shape[0]
+        return torch.stack([t, h.expand(B, -1), w.expand(B, -1)], dim=-1)
+
+
+def frame_table(x_mask: torch.Tensor, cond: torch.Tensor, cond0: torch.Tensor) -> torch.Tensor:
+    """Per-frame conditioning [B, T+1, ...]: cond where x_mask, cond0 elsewhere; row T = cond0."""
+    B, T = x_mask.shape
+    body = torch.where(x_mask.view(B, T, *([1] * (cond.dim() - 1))), cond.unsqueeze(1), cond0.unsqueeze(1))
+    return torch.cat([body, cond0.unsqueeze(1)], dim=1)
+
+
+def apply_per_frame(
+    z: torch.Tensor,
+    layout: TokenLayout,
+    fn: Callable[..., torch.Tensor],
+    *tables: torch.Tensor,
+    seq_dim: int = 1,
+) -> torch.Tensor:
+    """out = fn(z_run, *table_rows) over runs of whole frames, broadcasting rows over tokens.
+
+    z: [B, n, C] (seq_dim=1) or [n, B, C] (seq_dim=0); each table: [B, T+1, C] or [T+1, B, C]
+    (frame axis at the same position as z's sequence axis). fn sees z viewed as
+    [B, frames, per_frame, C] / [frames, per_frame, B, C] and rows [B, frames, 1, C] /
+    [frames, 1, B, C].
+    """
+    pieces = []
+    for r in layout.runs():
+        seg = z.narrow(seq_dim, r.offset, r.frames * r.per_frame)
+        shape = list(seg.shape)
+        seg = seg.reshape(shape[:seq_dim] + [r.frames, r.per_frame] + shape[seq_dim + 1 :])
+        rows = [t.narrow(seq_dim, r.row_lo, r.frames).unsqueeze(seq_dim + 1) for t in tables]
+        pieces.append(fn(seg, *rows).flatten(seq_dim, seq_dim + 1))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=seq_dim)
