@@ -153,14 +153,15 @@ class CaptionEmbedder(nn.Module):
         return F.layer_norm(y, y.shape[-1:], eps=self.eps)
 
 
-def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed and returned in fp32."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: normalised in fp32, cast back to x's dtype, then scaled by weight
+    (the release's order of operations, which matters under bf16)."""
     xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class HeadRMSNorm(nn.Module):
-    """QK-norm: RMSNorm over the head dim with one weight shared by all heads; fp32 output."""
+    """QK-norm: RMSNorm over the head dim with one weight shared by all heads."""
 
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
@@ -168,7 +169,7 @@ class HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_fp32(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,8 +192,8 @@ class SelfAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
         q, k, v = qkv.unbind(0)
-        q = apply_rope(self.q_norm(q), rope).to(x.dtype)
-        k = apply_rope(self.k_norm(k), rope).to(x.dtype)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
         out = sdpa(q, k, v)  # [B, H, N, D]
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -213,8 +214,7 @@ class CrossAttention(nn.Module):
         q = self.q_linear(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # [B, H, N, D]
         kv = self.kv_linear(text).view(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # [B, H, Lt, D]
-        q = self.q_norm(q).to(x.dtype)
-        k = self.k_norm(k).to(x.dtype)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = sdpa(q, k, v, text_mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -330,7 +330,7 @@ class MUGDiT(nn.Module):
         edge = lambda p: p.to(dt).view(1, 1, -1).expand(B, 1, -1)
         h = torch.cat([edge(self.start_token), tokens, edge(self.end_token)], dim=1)  # [B, N, C]
         # 4-5. timestep (+fps) embeddings and the shared adaLN projection, per frame
-        fps_emb = self.fps_embedder(fps.to(dt))
+        fps_emb = self.fps_embedder(fps)  # fps is not cast: its sinusoid is taken in fp32
         e = self.t_embedder(timestep) + fps_emb  # [B, C]
         e0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
         frame_emb = frame_table(x_mask, e, e0)  # [B, T+1, C]

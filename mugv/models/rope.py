@@ -31,7 +31,9 @@ def rope_angles(
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x [..., D] by angles broadcastable to [..., D/2]; fp32 math."""
+    """Rotate interleaved channel pairs of x [..., D] by angles broadcastable to [..., D/2].
+
+    The rotation is computed in fp32 and the result cast back to x's dtype."""
     xf = x.float().unflatten(-1, (-1, 2))  # [..., D/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = angles.cos(), angles.sin()

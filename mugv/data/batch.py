@@ -1,0 +1,70 @@
+"""`LatentBatch`: the one batch type the trainer consumes.
+
+Every micro-batch holds samples of a single latent bucket (same T, H, W), so nothing is
+padded on the video side. Fields (B samples, L text tokens, Ct text channels):
+
+    latents        [B, 24, T, H, W] float32  normalised VAE latents (model units)
+    y              [B, 1, L, Ct]    float32  text features; rows past a sample's length are 0
+    mask           [B, L]           bool     True for real text tokens
+    x_mask         [B, T]           bool     True = frame is denoised; False = clean
+                                             conditioning frame (I2V: frame 0 is False)
+    fps            [B]              float32  frames per second of the clip (images: the
+                                             configured default)
+    frame_indices  [B, T + 2]       int64    temporal RoPE positions, 0..T+1
+    pixel_size     [B, 2]           int64    (H_px, W_px) of the encoded pixels = 8 * (H, W)
+    tasks          list[str]                 per sample: "t2i", "t2v" or "i2v"
+    bucket         str                       "TxHxW" in latent units, e.g. "14x90x160"
+    ids            list[str]                 sample ids
+    skipped        list[str]                 ids of bad samples left out of (or replaced in)
+                                             this batch; see mugv.data.dataset
+    stream_index   int                       position of this micro-batch in the global
+                                             batch stream (see mugv.data.sampler)
+
+`num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from mugv.data.buckets import num_tokens as _num_tokens
+
+_TENSOR_FIELDS = ("latents", "y", "mask", "x_mask", "fps", "frame_indices", "pixel_size")
+
+
+@dataclass
+class LatentBatch:
+    latents: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    x_mask: torch.Tensor
+    fps: torch.Tensor
+    frame_indices: torch.Tensor
+    pixel_size: torch.Tensor
+    tasks: list[str]
+    bucket: str
+    ids: list[str]
+    skipped: list[str] = field(default_factory=list)
+    stream_index: int = -1
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """DiT tokens per sample, start and end tokens included."""
+        _, _, t, h, w = self.latents.shape
+        return _num_tokens(t, h, w)
+
+    def _map(self, fn) -> LatentBatch:
+        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in _TENSOR_FIELDS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> LatentBatch:
+        """Called by torch's DataLoader when pin_memory=True."""
+        return self._map(lambda t: t.pin_memory())

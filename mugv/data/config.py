@@ -1,0 +1,68 @@
+"""Typed configs of the latent data loader (loaded with mugv.config.load_config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("t2i", "t2v", "i2v")
+
+
+@dataclass
+class MixConfig:
+    """Sampling ratios.
+
+    task_weights: relative shares of t2i / t2v / i2v samples per epoch. Empty = natural
+      proportions of the data with no I2V. Images (T = 1) serve t2i; videos serve t2v and i2v,
+      a video sample becoming I2V with probability i2v / (t2v + i2v).
+    bucket_weights: per latent bucket ("TxHxW") multiplier on its natural share within its
+      task group (default 1.0). A share above the bucket's size repeats samples within the
+      epoch; below it, a fresh random subset is drawn each epoch.
+    """
+
+    task_weights: dict[str, float] = field(default_factory=dict)
+    bucket_weights: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for k, v in self.task_weights.items():
+            if k not in TASKS:
+                raise ValueError(f"mix.task_weights: unknown task {k!r} (expected one of {TASKS})")
+            if v < 0:
+                raise ValueError(f"mix.task_weights.{k} = {v} is negative")
+        if self.task_weights and sum(self.task_weights.values()) <= 0:
+            raise ValueError("mix.task_weights sum to zero")
+        for k, v in self.bucket_weights.items():
+            if v < 0:
+                raise ValueError(f"mix.bucket_weights.{k} = {v} is negative")
+
+
+@dataclass
+class DataConfig:
+    """The latent loader. `paths`: mugv dataset directories and/or release training CSVs
+    (`sample_id,source,latent_path,text_feat_path`)."""
+
+    paths: list[str] = field(default_factory=list)
+    token_budget: int = 50402  # DiT tokens per micro-batch per DP rank (one 720p 5 s clip)
+    max_batch_size: int = 64
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # per-bucket override, "TxHxW" -> B
+    mix: MixConfig = field(default_factory=MixConfig)
+    seed: int = 1234
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    text_len: int = 300  # pad text to this many tokens (T5 max length); 0 = longest in batch
+    default_fps: float = 24.0  # fps of samples that carry none (release CSV rows)
+    release_vae_stats: str = ""  # file with `shift`/`scale` [1,24,1,1,1] (e.g. vae.pt) for release "real" rows
+    check_finite: bool = True  # treat non-finite latents/text as bad samples
+    max_bad_fraction: float = 0.01  # stop the run past this fraction of bad samples ...
+    bad_grace_samples: int = 200  # ... once at least this many samples were attempted
+    open_files: int = 8  # shard files kept open per worker
+
+    def validate(self) -> None:
+        if self.token_budget <= 0 or self.max_batch_size <= 0:
+            raise ValueError("token_budget and max_batch_size must be positive")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction = {self.max_bad_fraction} is not in [0, 1]")
+        for k, v in self.batch_sizes.items():
+            if v <= 0:
+                raise ValueError(f"batch_sizes.{k} = {v} must be positive")
+        self.mix.validate()

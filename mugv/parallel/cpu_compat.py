@@ -1,0 +1,237 @@
+"""Run Megatron-Core's CUDA-only code paths on CPU: an explicit, removable shim.
+
+Megatron-Core assumes CUDA in many places that are not about compute at all: it allocates
+scratch tensors with ``device="cuda"`` or ``device=torch.cuda.current_device()``, overlaps
+communication on ``torch.cuda.Stream``s, synchronises, times with ``torch.cuda.Event``, keeps
+its model-parallel RNG streams as CUDA generator states, and the distributed optimizer checks
+``param.type() == 'torch.cuda.FloatTensor'``. With this shim installed, DistributedDataParallel
+(overlap_grad_reduce on or off), the distributed optimizer, the pipeline schedules and
+dist_checkpointing run unchanged on CPU with gloo, which lets a config be debugged on a laptop.
+
+Everything is patched here, in one place, and only by :func:`install_cpu_shims` (importing this
+module changes nothing). :func:`uninstall_cpu_shims` restores every attribute. The shim refuses
+to install when CUDA is available: it must never be active next to real CUDA work.
+
+What it does:
+
+1. ``CudaToCpuMode`` (a TorchFunctionMode, pushed on the installing thread's mode stack):
+   - any ``device=`` argument that names CUDA ("cuda", "cuda:N", torch.device("cuda"), or a
+     bare int, which torch reads as a CUDA index) becomes "cpu"; ``pin_memory=True`` -> False;
+   - ``Tensor.to(<cuda device>, ...)`` -> CPU; ``Tensor.cuda()`` and ``Tensor.pin_memory()``
+     return the tensor itself;
+   - ``Tensor.type()`` reports the CUDA type name ('torch.FloatTensor' ->
+     'torch.cuda.FloatTensor'), which is what DistributedOptimizer._build_model_and_main_
+     param_groups, MixedPrecisionOptimizer and clip_grads check; ``Tensor.type('torch.cuda.X')``
+     converts to the CPU type 'torch.X'.
+2. ``torch.cuda`` attributes replaced by CPU stand-ins: ``current_device`` (0), ``set_device``,
+   ``synchronize``, ``Stream``/``current_stream``/``default_stream``/``stream`` (one inline
+   "stream", so DDP's overlapped reduce-scatter simply runs synchronously), ``Event`` (records
+   wall time so Megatron timers still measure), ``nvtx.range_push/range_pop``,
+   ``get_rng_state``/``set_rng_state``/``manual_seed``/``manual_seed_all`` (the CPU generator).
+3. ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``:
+   read/write the CPU default generator, so ``CudaRNGStatesTracker.fork()`` (weight init of
+   TP-split layers, dropout in TP regions, activation recompute) switches the CPU RNG stream
+   exactly as it switches the CUDA one on GPU. ``model_parallel_cuda_manual_seed`` therefore
+   works on CPU as is.
+
+Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack);
+Megatron's synchronous code paths used here all run on that thread. Every torch call goes
+through one extra Python function while installed, which is fine for debugging-sized runs.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from mugv.utils.logging import get_logger
+
+_INSTALLED: dict[str, Any] | None = None  # saved originals while installed
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _cpu_type_name(name: Any) -> Any:
+    if isinstance(name, type) and name.__module__ == "torch.cuda":
+        name = f"torch.cuda.{name.__name__}"
+    return name.replace("torch.cuda.", "torch.", 1) if isinstance(name, str) else name
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and reports CPU tensors as CUDA in ``Tensor.type()``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs) if kwargs else {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type:
+            if len(args) == 1 and kwargs.get("dtype") is None:
+                name = func(*args)
+                return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            if len(args) > 1:
+                args = (args[0], _cpu_type_name(args[1]), *args[2:])
+            if "dtype" in kwargs:
+                kwargs["dtype"] = _cpu_type_name(kwargs["dtype"])
+            kwargs.pop("non_blocking", None)
+            return func(*args, **kwargs)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+class _CpuStream:
+    """Stand-in for torch.cuda.Stream: CPU work is already ordered, so every call is a no-op."""
+
+    def __init__(self, device=None, priority: int = 0, **_):
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        event = event or _CpuEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuEvent:
+    """Stand-in for torch.cuda.Event; records wall-clock time so elapsed_time() is meaningful."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False, **_):
+        self._t: float | None = None
+
+    def record(self, stream=None) -> None:
+        self._t = time.perf_counter()
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _CpuEvent) -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("elapsed_time on an event that was not recorded")
+        return (end._t - self._t) * 1000.0
+
+
+_INLINE_STREAM = _CpuStream()
+
+
+def _cpu_rng_get(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _torch_cuda_replacements() -> dict[str, Any]:
+    return {
+        "current_device": lambda: 0,
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "Stream": _CpuStream,
+        "Event": _CpuEvent,
+        "current_stream": lambda device=None: _INLINE_STREAM,
+        "default_stream": lambda device=None: _INLINE_STREAM,
+        "stream": lambda stream=None: nullcontext(),
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda new_state, device="cuda": torch.set_rng_state(new_state),
+        "manual_seed": _cpu_manual_seed,
+        "manual_seed_all": _cpu_manual_seed,
+    }
+
+
+def cpu_shims_installed() -> bool:
+    return _INSTALLED is not None
+
+
+def install_cpu_shims() -> None:
+    """Install the shim (idempotent). Raises if CUDA is available: it is only for CPU runs."""
+    global _INSTALLED
+    if _INSTALLED is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("install_cpu_shims: CUDA is available; the CPU shim must not be used with CUDA")
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}}
+    for name, value in _torch_cuda_replacements().items():
+        saved["cuda"][name] = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, value)
+    for name in ("range_push", "range_pop"):
+        saved["nvtx"][name] = getattr(torch.cuda.nvtx, name)
+        setattr(torch.cuda.nvtx, name, lambda *a, **k: None)
+    for name, value in (("_get_cuda_rng_state", _cpu_rng_get), ("_set_cuda_rng_state", _cpu_rng_set)):
+        saved["mcore_random"][name] = getattr(mcore_random, name)
+        setattr(mcore_random, name, value)
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    saved["mode"] = mode
+    saved["module"] = mcore_random
+    _INSTALLED = saved
+    get_logger(__name__).debug("installed the Megatron-Core CPU shim")
+
+
+def uninstall_cpu_shims() -> None:
+    """Remove the shim and restore every patched attribute (no-op when not installed)."""
+    global _INSTALLED
+    if _INSTALLED is None:
+        return
+    saved, mode = _INSTALLED, _INSTALLED["mode"]
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not stack or stack[-1] is not mode:
+        raise RuntimeError("uninstall_cpu_shims: another TorchFunctionMode was entered after the shim and is still active")
+    mode.__exit__(None, None, None)
+    for name, value in saved["cuda"].items():
+        setattr(torch.cuda, name, value)
+    for name, value in saved["nvtx"].items():
+        setattr(torch.cuda.nvtx, name, value)
+    for name, value in saved["mcore_random"].items():
+        setattr(saved["module"], name, value)
+    _INSTALLED = None
+
+
+@contextmanager
+def cpu_shims():
+    """Context manager form: install on entry (if not yet installed), restore on exit."""
+    was_installed = cpu_shims_installed()
+    install_cpu_shims()
+    try:
+        yield
+    finally:
+        if not was_installed:
+            uninstall_cpu_shims()
