@@ -1,0 +1,120 @@
+"""Builds LatentBatches from BatchRequests (runs inside DataLoader workers).
+
+Bad samples: a sample whose files are missing, unreadable, of the wrong shape or (with
+check_finite) non-finite is skipped, logged and listed in `batch.skipped`. The batch is REFILLED
+with other samples of the same bucket, drawn deterministically (seeded by the stream index);
+after max(8, 2B) failed draws the batch comes out smaller. A batch with no readable sample at all
+raises BadDataError naming the bucket. Counting and the bad-fraction limit live in
+mugv.data.loader (the main process), which sees every batch's `skipped` list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mugv.data.batch import LatentBatch
+from mugv.data.config import DataConfig
+from mugv.data.sampler import BatchRequest
+from mugv.data.store import SampleRecord, TensorReader
+from mugv.utils.logging import get_logger
+
+log = get_logger("data")
+
+
+class BadDataError(RuntimeError):
+    """Too much of the data is unreadable to go on."""
+
+
+class LatentDataset:
+    def __init__(self, records: list[SampleRecord], cfg: DataConfig):
+        self.records, self.cfg = records, cfg
+        self.reader = TensorReader(cfg.open_files, cfg.release_vae_stats)
+        by_bucket: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            by_bucket.setdefault(r.bucket, []).append(i)
+        self.by_bucket = {k: np.array(v) for k, v in by_bucket.items()}
+        self.known_bad: set[int] = set()  # per worker process
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, i: int):
+        rec = self.records[i]
+        try:
+            latent, y, mask = self.reader.load(rec)
+            if self.cfg.check_finite and not (torch.isfinite(latent).all() and torch.isfinite(y).all()):
+                raise ValueError("non-finite values")
+            return latent, y, mask
+        except Exception as err:  # noqa: BLE001 - any failure makes the sample bad, never the step
+            self.known_bad.add(i)
+            log.warning(f"bad sample {rec.id} ({rec.latent_file}): {type(err).__name__}: {err}")
+            return None
+
+    def __getitem__(self, req: BatchRequest) -> LatentBatch:
+        loaded, skipped, lost_tasks = [], [], []
+        for i, task in zip(req.indices, req.tasks, strict=True):
+            out = self._load(i) if i not in self.known_bad else None
+            if out is None:
+                skipped.append(self.records[i].id)
+                lost_tasks.append(task)
+            else:
+                loaded.append((i, task, out))
+        if lost_tasks:
+            self._refill(req, loaded, skipped, lost_tasks)
+        if not loaded:
+            raise BadDataError(f"bucket {req.bucket}: no readable sample for batch {req.stream_index} "
+                               f"(bad: {', '.join(skipped[:5])})")
+        return self._collate(req, loaded, skipped)
+
+    def _refill(self, req: BatchRequest, loaded: list, skipped: list[str], lost_tasks: list[str]) -> None:
+        """Replace the lost samples by random others of the bucket (in place)."""
+        rng = np.random.default_rng([self.cfg.seed, req.stream_index])
+        pool = self.by_bucket[req.bucket]
+        for _ in range(max(8, 2 * len(req.indices))):
+            if not lost_tasks:
+                return
+            i = int(pool[rng.integers(len(pool))])
+            if i in self.known_bad or any(i == j for j, _, _ in loaded):
+                continue
+            out = self._load(i)
+            if out is None:
+                skipped.append(self.records[i].id)
+                continue
+            loaded.append((i, lost_tasks.pop(0), out))
+        if lost_tasks:
+            log.warning(f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
+                        f"{len(req.indices)} samples: no readable replacement found")
+
+    def _collate(self, req: BatchRequest, loaded: list, skipped: list[str]) -> LatentBatch:
+        recs = [self.records[i] for i, _, _ in loaded]
+        latents = torch.stack([out[0] for _, _, out in loaded])  # [B, C, T, H, W]
+        b, t = latents.shape[0], latents.shape[2]
+        lengths = [min(out[1].shape[0], self.cfg.text_len or out[1].shape[0]) for _, _, out in loaded]
+        L = self.cfg.text_len or max(lengths)
+        ct = loaded[0][2][1].shape[1]
+        y = torch.zeros(b, 1, L, ct)
+        mask = torch.zeros(b, L, dtype=torch.bool)
+        for k, (_, _, (_, yk, mk)) in enumerate(loaded):
+            n = lengths[k]
+            y[k, 0, :n] = yk[:n]
+            mask[k, :n] = mk[:n]
+        tasks = [task for _, task, _ in loaded]
+        x_mask = torch.ones(b, t, dtype=torch.bool)
+        for k, task in enumerate(tasks):
+            if task == "i2v":
+                x_mask[k, 0] = False  # the reference frame stays clean
+        return LatentBatch(
+            latents=latents,
+            y=y,
+            mask=mask,
+            x_mask=x_mask,
+            fps=torch.tensor([r.fps for r in recs], dtype=torch.float32),
+            frame_indices=torch.arange(t + 2, dtype=torch.long).expand(b, t + 2).clone(),
+            pixel_size=torch.tensor([[r.height, r.width] for r in recs], dtype=torch.long),
+            tasks=tasks,
+            bucket=req.bucket,
+            ids=[r.id for r in recs],
+            skipped=skipped,
+            stream_index=req.stream_index,
+        )

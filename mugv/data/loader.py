@@ -1,0 +1,112 @@
+"""`LatentLoader`: the trainer's data source (an endless stream of LatentBatches for one DP rank).
+
+    loader = LatentLoader(cfg, dp_rank, dp_size)
+    it = iter(loader)
+    batch = next(it)                   # LatentBatch, see mugv.data.batch
+    ckpt["data"] = loader.state_dict() # small dict: sampler position + bad-sample counters
+    loader.load_state_dict(ckpt["data"]); it = iter(loader)   # continues exactly there
+    loader.metrics()                   # {"data/bad_samples": ..., "data/bad_fraction": ...}
+
+Bad samples (see mugv.data.dataset) are counted here; past `max_bad_fraction` of the attempted
+samples (once `bad_grace_samples` were attempted) the run stops with BadDataError.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from mugv.data.batch import LatentBatch
+from mugv.data.config import DataConfig
+from mugv.data.dataset import BadDataError, LatentDataset
+from mugv.data.sampler import BucketBatchSampler
+from mugv.data.store import SampleRecord, read_records, read_text_null
+from mugv.utils.logging import get_logger
+
+log = get_logger("data")
+
+
+def _as_is(x):
+    return x
+
+
+def load_all_records(cfg: DataConfig) -> tuple[list[SampleRecord], list[tuple[str, str]]]:
+    """Records of every path in cfg.paths (in that order), and rows that could not be indexed."""
+    if not cfg.paths:
+        raise ValueError("DataConfig.paths is empty: give dataset directories or release CSVs")
+    records, errors, seen = [], [], set()
+    for path in cfg.paths:
+        recs, errs = read_records(path, cfg.default_fps)
+        for sid, why in errs:
+            log.warning(f"{path}: skipping sample {sid}: {why}")
+        dup = [r.id for r in recs if r.id in seen]
+        if dup:
+            log.warning(f"{path}: {len(dup)} sample id(s) also in an earlier path, e.g. {dup[0]!r}")
+        seen.update(r.id for r in recs)
+        records += recs
+        errors += errs
+    if not records:
+        raise ValueError(f"no readable samples in {cfg.paths}")
+    return records, errors
+
+
+class LatentLoader:
+    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1):
+        self.cfg = cfg
+        self.records, index_errors = load_all_records(cfg)
+        self.dataset = LatentDataset(self.records, cfg)
+        self.sampler = BucketBatchSampler(
+            [r.bucket for r in self.records], [r.task for r in self.records], cfg, dp_rank, dp_size
+        )
+        self.bad_samples = len(index_errors)
+        self.attempted = len(index_errors)
+        self.text_embeddings = self._text_embeddings()
+
+    def _text_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Dataset-level {"null": (y [L, Ct], mask [L]), "negative": ...} of the first path that has them."""
+        for path in self.cfg.paths:
+            if os.path.isdir(path):
+                emb = read_text_null(path)
+                if emb:
+                    return emb
+        return {}
+
+    def __iter__(self):
+        self.sampler.start = self.sampler.consumed
+        kwargs = {}
+        if self.cfg.num_workers > 0:
+            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+        dl = DataLoader(self.dataset, batch_size=None, sampler=self.sampler, num_workers=self.cfg.num_workers,
+                        collate_fn=_as_is, pin_memory=self.cfg.pin_memory, **kwargs)
+        for batch in dl:
+            self._account(batch)
+            self.sampler.mark_consumed(batch.stream_index)
+            yield batch
+
+    def _account(self, batch: LatentBatch) -> None:
+        self.bad_samples += len(batch.skipped)
+        self.attempted += len(batch) + len(batch.skipped)
+        frac = self.bad_samples / max(1, self.attempted)
+        if self.attempted >= self.cfg.bad_grace_samples and frac > self.cfg.max_bad_fraction:
+            raise BadDataError(
+                f"{self.bad_samples} of {self.attempted} samples were bad ({frac:.2%} > max_bad_fraction "
+                f"{self.cfg.max_bad_fraction:.2%}); latest: {batch.skipped[:3] or 'none in this batch'}. "
+                f"Run `mugv data check` on {self.cfg.paths}"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/bad_samples": float(self.bad_samples), "data/attempted_samples": float(self.attempted),
+                "data/bad_fraction": self.bad_samples / max(1, self.attempted)}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "bad_samples": self.bad_samples, "attempted": self.attempted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_samples, self.attempted = int(state["bad_samples"]), int(state["attempted"])
+
+    @property
+    def epoch_batches(self) -> int:
+        return self.sampler.epoch_batches
