@@ -178,6 +178,7 @@ class VideoVAE(nn.Module):
             )
         z = latents.to(self.dtype) * self.scale.to(self.dtype) + self.shift.to(self.dtype)
         first = self.temporal_vae.decode(z[:, :, :1])[:, :, -1:]  # [B, C, 1, h, w]
-        rest = [self.temporal_vae.decode(chunk) for chunk in z[:, :, 1:].split(self.config.decode_chunk, dim=2)]
+        tail = z[:, :, 1:]
+        rest = [self.temporal_vae.decode(c) for c in tail.split(self.config.decode_chunk, dim=2)] if tail.shape[2] else []
         feats = torch.cat([first, *rest], dim=2)  # [B, C, 8(T-1)+1, h, w]
         return self.spatial_vae.decode(feats)
