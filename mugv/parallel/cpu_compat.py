@@ -155,7 +155,7 @@ def _cpu_rng_set(new_state: torch.Tensor, device=None, graph_safe: bool = False)
 
 
 def _cpu_manual_seed(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 def _torch_cuda_replacements() -> dict[str, Any]:
