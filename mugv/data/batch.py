@@ -15,8 +15,10 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
     tasks          list[str]                 per sample: "t2i", "t2v" or "i2v"
     bucket         str                       "TxHxW" in latent units, e.g. "14x90x160"
     ids            list[str]                 sample ids
-    skipped        list[str]                 ids of bad samples left out of (or replaced in)
-                                             this batch; see mugv.data.dataset
+    skipped        list[str]                 ids of planned samples that were bad and left out
+                                             (replaced by others of the bucket); see
+                                             mugv.data.dataset
+    planned        int                       samples the sampler planned for this batch
     stream_index   int                       position of this micro-batch in the global
                                              batch stream (see mugv.data.sampler)
 
@@ -48,6 +50,7 @@ class LatentBatch:
     bucket: str
     ids: list[str]
     skipped: list[str] = field(default_factory=list)
+    planned: int = 0
     stream_index: int = -1
 
     def __len__(self) -> int:

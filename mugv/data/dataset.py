@@ -1,11 +1,14 @@
 """Builds LatentBatches from BatchRequests (runs inside DataLoader workers).
 
-Bad samples: a sample whose files are missing, unreadable, of the wrong shape or (with
-check_finite) non-finite is skipped, logged and listed in `batch.skipped`. The batch is REFILLED
-with other samples of the same bucket, drawn deterministically (seeded by the stream index);
-after max(8, 2B) failed draws the batch comes out smaller. A batch with no readable sample at all
-raises BadDataError naming the bucket. Counting and the bad-fraction limit live in
-mugv.data.loader (the main process), which sees every batch's `skipped` list.
+Bad samples: a planned sample whose files are missing, unreadable, of the wrong shape or (with
+check_finite) non-finite is skipped, logged and listed in `batch.skipped` (once per planned
+occurrence, so over an epoch the count is exactly the number of bad samples). The batch is
+REFILLED with other samples of the same bucket, drawn deterministically (seeded by the stream
+index); a failed draw is logged but not counted again; after max(8, 2B) draws the batch comes
+out smaller. If nothing of the bucket is readable, the batch becomes one sample drawn from the
+whole dataset (another bucket); only if that fails too does BadDataError stop the run.
+Counting and the bad-fraction limit live in mugv.data.loader (the main process), which sees
+every batch's `skipped` list.
 """
 
 from __future__ import annotations
@@ -61,13 +64,27 @@ class LatentDataset:
             else:
                 loaded.append((i, task, out))
         if lost_tasks:
-            self._refill(req, loaded, skipped, lost_tasks)
+            self._refill(req, loaded, lost_tasks)
+        bucket = req.bucket
         if not loaded:
-            raise BadDataError(f"bucket {req.bucket}: no readable sample for batch {req.stream_index} "
-                               f"(bad: {', '.join(skipped[:5])})")
-        return self._collate(req, loaded, skipped)
+            loaded = self._fallback(req)
+            bucket = self.records[loaded[0][0]].bucket
+        return self._collate(req, bucket, loaded, skipped)
 
-    def _refill(self, req: BatchRequest, loaded: list, skipped: list[str], lost_tasks: list[str]) -> None:
+    def _fallback(self, req: BatchRequest) -> list:
+        """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
+        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
+        for _ in range(32):
+            i = int(rng.integers(len(self.records)))
+            out = None if i in self.known_bad else self._load(i)
+            if out is not None:
+                log.warning(f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
+                            f"using one sample of bucket {self.records[i].bucket}")
+                return [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", out)]
+        raise BadDataError(f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
+                           f"draws from the whole dataset; run `mugv data check`")
+
+    def _refill(self, req: BatchRequest, loaded: list, lost_tasks: list[str]) -> None:
         """Replace the lost samples by random others of the bucket (in place)."""
         rng = np.random.default_rng([self.cfg.seed, req.stream_index])
         pool = self.by_bucket[req.bucket]
@@ -79,14 +96,13 @@ class LatentDataset:
                 continue
             out = self._load(i)
             if out is None:
-                skipped.append(self.records[i].id)
                 continue
             loaded.append((i, lost_tasks.pop(0), out))
         if lost_tasks:
             log.warning(f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
                         f"{len(req.indices)} samples: no readable replacement found")
 
-    def _collate(self, req: BatchRequest, loaded: list, skipped: list[str]) -> LatentBatch:
+    def _collate(self, req: BatchRequest, bucket: str, loaded: list, skipped: list[str]) -> LatentBatch:
         recs = [self.records[i] for i, _, _ in loaded]
         latents = torch.stack([out[0] for _, _, out in loaded])  # [B, C, T, H, W]
         b, t = latents.shape[0], latents.shape[2]
@@ -113,8 +129,9 @@ class LatentDataset:
             frame_indices=torch.arange(t + 2, dtype=torch.long).expand(b, t + 2).clone(),
             pixel_size=torch.tensor([[r.height, r.width] for r in recs], dtype=torch.long),
             tasks=tasks,
-            bucket=req.bucket,
+            bucket=bucket,
             ids=[r.id for r in recs],
             skipped=skipped,
+            planned=len(req.indices),
             stream_index=req.stream_index,
         )

@@ -87,7 +87,7 @@ class LatentLoader:
 
     def _account(self, batch: LatentBatch) -> None:
         self.bad_samples += len(batch.skipped)
-        self.attempted += len(batch) + len(batch.skipped)
+        self.attempted += batch.planned
         frac = self.bad_samples / max(1, self.attempted)
         if self.attempted >= self.cfg.bad_grace_samples and frac > self.cfg.max_bad_fraction:
             raise BadDataError(

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -355,8 +355,9 @@ class TensorReader:
             self._handles.popitem(last=False)
         return h
 
-    def load(self, rec: SampleRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> latent [C, T, H, W] float32, y [L, Ct] float32, mask [L] bool. Raises on any problem."""
+    def load(self, rec: SampleRecord, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> latent [C, T, H, W] float32, y [L, Ct] float32, mask [L] bool. Raises on any problem.
+        normalize=False leaves release "real" latents raw."""
         if rec.latent_key:
             h = self._handle(rec.latent_file)
             latent, y, mask = h.get_tensor(rec.latent_key), h.get_tensor(rec.y_key), h.get_tensor(rec.mask_key)
@@ -366,7 +367,7 @@ class TensorReader:
             if not isinstance(text, dict) or "y" not in text or "mask" not in text:
                 raise ValueError(f"{rec.text_file}: expected a dict with keys 'y' and 'mask'")
             y, mask = text["y"].reshape(-1, text["y"].shape[-1]), text["mask"].reshape(-1)
-            if rec.release_source == "real":
+            if rec.release_source == "real" and normalize:
                 shift, scale = self._vae_stats()
                 latent = (latent.float() - shift.reshape(-1, 1, 1, 1)) / scale.reshape(-1, 1, 1, 1)
         expect = (rec.channels, *rec.shape)
@@ -389,7 +390,3 @@ class TensorReader:
 
     def __getstate__(self):  # open handles do not cross process boundaries
         return {**self.__dict__, "_handles": OrderedDict()}
-
-
-def record_dict(rec: SampleRecord) -> dict:
-    return asdict(rec)
