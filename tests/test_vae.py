@@ -81,7 +81,9 @@ def test_from_release_is_strict_and_names_the_bad_key():
     model = VideoVAE.from_release(sd, device="meta")
     assert set(model.state_dict()) == set(sd) and not model.training
     with pytest.raises(ValueError, match="temporal_vae.decoder.conv_out.conv.bias"):
-        VideoVAE.from_release({k: v for k, v in sd.items() if k != "temporal_vae.decoder.conv_out.conv.bias"}, device="meta")
+        VideoVAE.from_release(
+            {k: v for k, v in sd.items() if k != "temporal_vae.decoder.conv_out.conv.bias"}, device="meta"
+        )
     with pytest.raises(ValueError, match="spatial_vae.module.quant_conv.weight"):
         VideoVAE.from_release({**sd, "spatial_vae.module.quant_conv.weight": sd["logvar"]}, device="meta")
     with pytest.raises(ValueError, match=r"key scale has shape \(24,\)"):
@@ -197,7 +199,9 @@ def test_decode_runs_frame_zero_alone_then_chunks_of_6(vae):
     assert out.shape[2] == 65
     assert torch.equal(out[:, :, :49], out_last[:, :, :49])  # frame 0 + latents 1-6
     assert (out[:, :, 49:] - out_last[:, :, 49:]).abs().max() > 1e-4
-    assert torch.equal(out[:, :, :1], out_first[:, :, :1]) and torch.equal(out[:, :, 49:], out_first[:, :, 49:])
+    assert torch.equal(out[:, :, :1], out_first[:, :, :1]) and torch.equal(
+        out[:, :, 49:], out_first[:, :, 49:]
+    )
     assert (out[:, :, 1:49] - out_first[:, :, 1:49]).abs().max() > 1e-4
     torch.testing.assert_close(out[:, :, :1], head)
 

@@ -120,7 +120,11 @@ class TemporalDecoder(nn.Module):
                 x = self.conv_blocks[i - 1](x)
                 b, c2, t, h, w = x.shape
                 # [B, (C 2), T, h, w] -> [B, C, (T 2), h, w]: channel c*2+s becomes frame 2t+s
-                x = x.reshape(b, c2 // 2, 2, t, h, w).permute(0, 1, 3, 2, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+                x = (
+                    x.reshape(b, c2 // 2, 2, t, h, w)
+                    .permute(0, 1, 3, 2, 4, 5)
+                    .reshape(b, c2 // 2, 2 * t, h, w)
+                )
         return self.conv_out(F.silu(self.norm1(x)))
 
 

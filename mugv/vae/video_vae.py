@@ -75,10 +75,14 @@ class VideoVAEConfig:
         self.temporal_multipliers = tuple(self.temporal_multipliers)
         self.shift, self.scale = tuple(self.shift), tuple(self.scale)
         if len(self.spatial_channels) != 4:
-            raise ValueError(f"spatial_channels must have 4 entries (8x in space), got {self.spatial_channels}")
+            raise ValueError(
+                f"spatial_channels must have 4 entries (8x in space), got {self.spatial_channels}"
+            )
         for name in ("shift", "scale"):
             if len(getattr(self, name)) != self.latent_channels:
-                raise ValueError(f"{name} has {len(getattr(self, name))} values, latent_channels is {self.latent_channels}")
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} values, latent_channels is {self.latent_channels}"
+                )
         if min(self.decode_chunk, self.frame_batch, self.group_batch) < 1:
             raise ValueError("decode_chunk, frame_batch and group_batch must be >= 1")
 
@@ -131,7 +135,9 @@ class VideoVAE(nn.Module):
             )
         for key, ref in expected.items():
             if tuple(sd[key].shape) != tuple(ref.shape):
-                raise ValueError(f"{name}: key {key} has shape {tuple(sd[key].shape)}, expected {tuple(ref.shape)}")
+                raise ValueError(
+                    f"{name}: key {key} has shape {tuple(sd[key].shape)}, expected {tuple(ref.shape)}"
+                )
         device = torch.device(device or "cpu")
         model.load_state_dict({k: v.to(device, dtype) for k, v in sd.items()}, strict=True, assign=True)
         get_logger(__name__).info("loaded video VAE from %s (%d tensors)", name, len(sd))
@@ -179,6 +185,10 @@ class VideoVAE(nn.Module):
         z = latents.to(self.dtype) * self.scale.to(self.dtype) + self.shift.to(self.dtype)
         first = self.temporal_vae.decode(z[:, :, :1])[:, :, -1:]  # [B, C, 1, h, w]
         tail = z[:, :, 1:]
-        rest = [self.temporal_vae.decode(c) for c in tail.split(self.config.decode_chunk, dim=2)] if tail.shape[2] else []
+        rest = (
+            [self.temporal_vae.decode(c) for c in tail.split(self.config.decode_chunk, dim=2)]
+            if tail.shape[2]
+            else []
+        )
         feats = torch.cat([first, *rest], dim=2)  # [B, C, 8(T-1)+1, h, w]
         return self.spatial_vae.decode(feats)
