@@ -64,15 +64,30 @@ def ref_adam(num_layers: int, batches, **adam) -> list[dict[str, torch.Tensor]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def transformer_config(**kw):
+def transformer_config():
+    """Config matching the initialised parallel state (Megatron reads sizes from both).
+
+    Interleaved schedules use unbatched, overlapped p2p (Megatron-LM's default with VPP): with
+    batch_p2p_comm and pp=2, a rank's send-to-prev and send-to-next go to the same peer in one
+    batch and are matched with that peer's receives in posting order, which swaps activations
+    and gradients of equal shape."""
+    from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1, pipeline_dtype=torch.float32, **kw)
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        overlap_p2p_comm=vpp is not None, batch_p2p_comm=vpp is None,
+        num_layers=4, hidden_size=H, num_attention_heads=2, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
 
 
 def build_toy(config, layer_ids: list[int], pre_process: bool = True, post_process: bool = True):
     """MegatronModule holding the blocks `layer_ids`, loaded with this TP rank's shard of full_weights."""
     from megatron.core import parallel_state as ps
+    from megatron.core.enums import ModelType
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.module import MegatronModule
 
@@ -98,6 +113,7 @@ def build_toy(config, layer_ids: list[int], pre_process: bool = True, post_proce
         def __init__(self):
             super().__init__(config)
             self.pre_process, self.post_process = pre_process, post_process
+            self.model_type = ModelType.encoder_or_decoder
             self.layer_ids = layer_ids
             self.blocks = torch.nn.ModuleList(Block(weights[i]) for i in layer_ids)
             self.input_tensor = None
@@ -165,3 +181,130 @@ def test_tensor_parallel_matches_single_process():
     for out, grads in run_distributed(_tp_worker, 2):
         torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
         assert_close_list(grads, want_grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) data parallel: Megatron DDP (+ distributed optimizer)
+# ---------------------------------------------------------------------------------------------
+
+
+def wrap_ddp_and_optimizer(model, config, overlap: bool, distributed_optimizer: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(
+        overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer, bucket_size=64 if overlap else None
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=ADAM["lr"], adam_beta1=ADAM["betas"][0], adam_beta2=ADAM["betas"][1],
+        adam_eps=ADAM["eps"], weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer,
+    )
+    return ddp, get_megatron_optimizer(opt_config, [ddp])
+
+
+def dp_train_steps(ddp, optimizer, batches):
+    """One optimizer step per global batch; this DP rank takes its slice of every batch."""
+    from megatron.core import parallel_state as ps
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    grads, norms = None, []
+    for x, target in batches:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = F.mse_loss(ddp(x.chunk(dp, 1)[dp_rank]), target.chunk(dp, 1)[dp_rank])
+        loss.backward()
+        ddp.finish_grad_sync()
+        if grads is None and not ddp.ddp_config.use_distributed_optimizer:
+            grads = gather_full(ddp.module, lambda p: p.main_grad)
+        ok, grad_norm, _ = optimizer.step()
+        assert ok
+        norms.append(float(grad_norm))
+    return grads, norms
+
+
+def _dp_worker(rank, world_size, overlap, distributed_optimizer):
+    from mugv.parallel import init_distributed
+
+    init_distributed(tp=1)
+    config = transformer_config()
+    ddp, optimizer = wrap_ddp_and_optimizer(build_toy(config, [0, 1]), config, overlap, distributed_optimizer)
+    grads, norms = dp_train_steps(ddp, optimizer, [make_batch(4, seed) for seed in (3, 4)])
+    return grads, norms, gather_full(ddp.module, lambda p: p)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distopt"])
+def test_data_parallel_ddp_matches_single_process(overlap, distributed_optimizer):
+    batches = [make_batch(4, seed) for seed in (3, 4)]
+    _, want_grads = ref_grads(2, *batches[0])
+    want_norm = torch.cat([g.flatten() for p in want_grads for g in p.values()]).norm()
+    want_params = ref_adam(2, batches, **ADAM)
+    for grads, norms, params in run_distributed(_dp_worker, 2, overlap, distributed_optimizer):
+        if grads is not None:
+            assert_close_list(grads, want_grads)
+        assert norms[0] == pytest.approx(float(want_norm), rel=1e-5)
+        assert_close_list(params, want_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) pipeline schedules: no pipelining, 1F1B, interleaved 1F1B
+# ---------------------------------------------------------------------------------------------
+
+PP_LAYERS, MICROBATCHES, MICRO_BATCH = 4, 4, 2
+
+
+def _forward_step(data_iterator, model):
+    x, target = next(data_iterator)
+
+    def loss_func(output):
+        loss = F.mse_loss(output, target)
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return model(x), loss_func
+
+
+def _pp_worker(rank, world_size, tp, pp, vpp):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mugv.parallel import init_distributed
+
+    init_distributed(tp=tp, pp=pp, vpp=vpp)
+    config = transformer_config()
+    stages, pp_rank = pp * (vpp or 1), ps.get_pipeline_model_parallel_rank()
+    per_stage = PP_LAYERS // stages
+    chunks = []
+    for v in range(vpp or 1):
+        stage = v * pp + pp_rank  # chunk v of this rank is global stage v*pp + rank
+        layers = list(range(stage * per_stage, (stage + 1) * per_stage))
+        chunks.append(build_toy(config, layers, pre_process=stage == 0, post_process=stage == stages - 1))
+    x, target = make_batch(MICROBATCHES * MICRO_BATCH)
+    microbatches = list(zip(x.chunk(MICROBATCHES, 1), target.chunk(MICROBATCHES, 1)))
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=[iter(microbatches) for _ in chunks] if vpp else iter(microbatches),
+        model=chunks if vpp else chunks[0],
+        num_microbatches=MICROBATCHES,
+        seq_length=S,
+        micro_batch_size=MICRO_BATCH,
+    )
+    grads = {i: g for chunk in chunks for i, g in zip(chunk.layer_ids, gather_full(chunk, lambda p: p.grad))}
+    return [float(d["loss"]) for d in losses], grads
+
+
+@pytest.mark.parametrize(
+    "tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)], ids=["no_pipelining_tp2", "1f1b_pp2", "interleaved_pp2_vpp2"]
+)
+def test_pipeline_schedules_match_single_process(tp, pp, vpp):
+    x, target = make_batch(MICROBATCHES * MICRO_BATCH)
+    want_loss, want_grads = ref_grads(PP_LAYERS, x, target, MICROBATCHES)
+    want_losses = [F.mse_loss(ref_forward(full_weights(PP_LAYERS), xm), tm) for xm, tm in zip(x.chunk(MICROBATCHES, 1), target.chunk(MICROBATCHES, 1))]
+    results = run_distributed(_pp_worker, 2, tp, pp, vpp)
+    grads = {}
+    for losses, rank_grads in results:
+        grads.update(rank_grads)
+        if losses:
+            assert losses == pytest.approx([float(v) for v in want_losses], rel=1e-5)
+    assert sum(bool(losses) for losses, _ in results) == (2 if pp == 1 else 1)  # losses live on last stages
+    assert_close_list([grads[i] for i in range(PP_LAYERS)], want_grads)
