@@ -45,7 +45,9 @@ def test_batches_hold_the_stored_samples(ds):
         b = len(batch)
         t, h, w = (int(v) for v in batch.bucket.split("x"))
         assert batch.latents.shape == (b, 24, t, h, w) and batch.latents.dtype == torch.float32
-        assert batch.y.shape == (b, 1, 8, 16) and batch.mask.shape == (b, 8) and batch.mask.dtype == torch.bool
+        assert (
+            batch.y.shape == (b, 1, 8, 16) and batch.mask.shape == (b, 8) and batch.mask.dtype == torch.bool
+        )
         assert torch.equal(batch.frame_indices, torch.arange(t + 2).expand(b, -1))
         assert batch.pixel_size.tolist() == [[8 * h, 8 * w]] * b
         assert batch.num_tokens == t * ((h + 1) // 2) * ((w + 1) // 2) + 2
@@ -81,7 +83,9 @@ def test_resume_through_workers(ds):
 def _damage(root):
     """Delete one shard and truncate another; return the ids they held."""
     shards = sorted(glob.glob(os.path.join(root, "shards", "*.safetensors")))
-    rows = [json.loads(x) for p in sorted(glob.glob(os.path.join(root, "manifest", "*.jsonl"))) for x in open(p)]
+    rows = [
+        json.loads(x) for p in sorted(glob.glob(os.path.join(root, "manifest", "*.jsonl"))) for x in open(p)
+    ]
     gone, cut = shards[1], shards[3]
     os.remove(gone)
     data = open(cut, "rb").read()
@@ -142,21 +146,30 @@ def _write_release(tmp_path, n=4, missing=()):
         L = 10
         mask = torch.zeros(1, L, dtype=torch.bool)
         mask[0, : 3 + k] = True
-        torch.save({"y": torch.randn(1, 1, L, 16, generator=g), "mask": mask}, base / "text_features" / f"{sid}_text.pt")
-        rows.append([sid, "real" if k % 2 else "generated", f"latents/{sid}.pt", f"text_features/{sid}_text.pt"])
+        torch.save(
+            {"y": torch.randn(1, 1, L, 16, generator=g), "mask": mask},
+            base / "text_features" / f"{sid}_text.pt",
+        )
+        rows.append(
+            [sid, "real" if k % 2 else "generated", f"latents/{sid}.pt", f"text_features/{sid}_text.pt"]
+        )
     for k in missing:
         os.remove(base / "latents" / f"video_{k:03d}.pt")
     path = base / "train.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["sample_id", "source", "latent_path", "text_feat_path"], *rows])
     stats = base / "vae_stats.pt"
-    torch.save({"shift": torch.full((1, 24, 1, 1, 1), 0.5), "scale": torch.full((1, 24, 1, 1, 1), 2.0)}, stats)
+    torch.save(
+        {"shift": torch.full((1, 24, 1, 1, 1), 0.5), "scale": torch.full((1, 24, 1, 1, 1), 2.0)}, stats
+    )
     return str(path), str(stats)
 
 
 def test_release_csv(tmp_path):
     path, stats = _write_release(tmp_path)
-    loader = LatentLoader(cfg_for(path, token_budget=200, text_len=0, release_vae_stats=stats, default_fps=24.0))
+    loader = LatentLoader(
+        cfg_for(path, token_budget=200, text_len=0, release_vae_stats=stats, default_fps=24.0)
+    )
     batch = next(iter(loader))
     assert batch.bucket == "2x4x6" and len(batch) == 4 and batch.tasks == ["t2v"] * 4
     assert batch.pixel_size.tolist() == [[32, 48]] * 4 and batch.fps.tolist() == [24.0] * 4

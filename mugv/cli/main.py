@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "data"]
+COMMANDS = ["info", "data", "prep"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,8 +36,10 @@ class CheckReport:
         return not self.problems
 
     def format(self, max_problems: int = 50) -> str:
-        lines = [f"{self.path}: {self.samples} samples, {len(self.buckets)} buckets, "
-                 f"values checked on {self.values_checked}"]
+        lines = [
+            f"{self.path}: {self.samples} samples, {len(self.buckets)} buckets, "
+            f"values checked on {self.values_checked}"
+        ]
         for b, n in sorted(self.buckets.items()):
             t, h, w = (int(v) for v in b.split("x"))
             lines.append(f"  bucket {b:>12s} ({8 * h}x{8 * w} px, {num_tokens(t, h, w)} tokens): {n}")
@@ -62,7 +64,9 @@ def _check_row_meta(rec: SampleRecord) -> list[str]:
     if rec.height % 16 or rec.width % 16:
         out.append(f"pixel size {rec.height}x{rec.width} is not a multiple of 16")
     if rec.num_frames != 8 * (t - 1) + 1:
-        out.append(f"num_frames {rec.num_frames} does not give {t} latent frames (expected {8 * (t - 1) + 1})")
+        out.append(
+            f"num_frames {rec.num_frames} does not give {t} latent frames (expected {8 * (t - 1) + 1})"
+        )
     if not rec.fps > 0:
         out.append(f"fps {rec.fps} is not positive")
     return out
@@ -114,7 +118,9 @@ def check_dataset(path: str, value_samples: int = 32, seed: int = 0) -> CheckRep
         report.tasks[rec.task] += 1
         report.problems += [f"{rec.id}: {p}" for p in _check_row_meta(rec)]
         if os.path.isdir(path) and rec.channels != meta.get("latent_channels", rec.channels):
-            report.problems.append(f"{rec.id}: {rec.channels} latent channels, dataset.json says {meta['latent_channels']}")
+            report.problems.append(
+                f"{rec.id}: {rec.channels} latent channels, dataset.json says {meta['latent_channels']}"
+            )
         by_file.setdefault(rec.latent_file, []).append(rec)
     bad_ids = set()
     for file, recs in by_file.items():

@@ -51,7 +51,9 @@ class DataConfig:
     pin_memory: bool = False
     text_len: int = 300  # pad text to this many tokens (T5 max length); 0 = longest in batch
     default_fps: float = 24.0  # fps of samples that carry none (release CSV rows)
-    release_vae_stats: str = ""  # file with `shift`/`scale` [1,24,1,1,1] (e.g. vae.pt) for release "real" rows
+    release_vae_stats: str = (
+        ""  # file with `shift`/`scale` [1,24,1,1,1] (e.g. vae.pt) for release "real" rows
+    )
     check_finite: bool = True  # treat non-finite latents/text as bad samples
     max_bad_fraction: float = 0.01  # stop the run past this fraction of bad samples ...
     bad_grace_samples: int = 200  # ... once at least this many samples were attempted

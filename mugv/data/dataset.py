@@ -78,11 +78,15 @@ class LatentDataset:
             i = int(rng.integers(len(self.records)))
             out = None if i in self.known_bad else self._load(i)
             if out is not None:
-                log.warning(f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
-                            f"using one sample of bucket {self.records[i].bucket}")
+                log.warning(
+                    f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
+                    f"using one sample of bucket {self.records[i].bucket}"
+                )
                 return [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", out)]
-        raise BadDataError(f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
-                           f"draws from the whole dataset; run `mugv data check`")
+        raise BadDataError(
+            f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
+            f"draws from the whole dataset; run `mugv data check`"
+        )
 
     def _refill(self, req: BatchRequest, loaded: list, lost_tasks: list[str]) -> None:
         """Replace the lost samples by random others of the bucket (in place)."""
@@ -99,8 +103,10 @@ class LatentDataset:
                 continue
             loaded.append((i, lost_tasks.pop(0), out))
         if lost_tasks:
-            log.warning(f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
-                        f"{len(req.indices)} samples: no readable replacement found")
+            log.warning(
+                f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
+                f"{len(req.indices)} samples: no readable replacement found"
+            )
 
     def _collate(self, req: BatchRequest, bucket: str, loaded: list, skipped: list[str]) -> LatentBatch:
         recs = [self.records[i] for i, _, _ in loaded]

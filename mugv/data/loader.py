@@ -78,8 +78,15 @@ class LatentLoader:
         kwargs = {}
         if self.cfg.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        dl = DataLoader(self.dataset, batch_size=None, sampler=self.sampler, num_workers=self.cfg.num_workers,
-                        collate_fn=_as_is, pin_memory=self.cfg.pin_memory, **kwargs)
+        dl = DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=self.cfg.num_workers,
+            collate_fn=_as_is,
+            pin_memory=self.cfg.pin_memory,
+            **kwargs,
+        )
         for batch in dl:
             self._account(batch)
             self.sampler.mark_consumed(batch.stream_index)
@@ -97,11 +104,18 @@ class LatentLoader:
             )
 
     def metrics(self) -> dict[str, float]:
-        return {"data/bad_samples": float(self.bad_samples), "data/attempted_samples": float(self.attempted),
-                "data/bad_fraction": self.bad_samples / max(1, self.attempted)}
+        return {
+            "data/bad_samples": float(self.bad_samples),
+            "data/attempted_samples": float(self.attempted),
+            "data/bad_fraction": self.bad_samples / max(1, self.attempted),
+        }
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "bad_samples": self.bad_samples, "attempted": self.attempted}
+        return {
+            "sampler": self.sampler.state_dict(),
+            "bad_samples": self.bad_samples,
+            "attempted": self.attempted,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])

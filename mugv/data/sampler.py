@@ -78,7 +78,9 @@ class BucketBatchSampler:
             bs = batch_size_for(t, h, w, cfg.token_budget, cfg.max_batch_size, cfg.batch_sizes)
             self.buckets.append(_Bucket(name, np.array(groups[name]), t == 1, bs))
         self.targets = self._targets()
-        self.epoch_batches = sum(-(-n // b.batch_size) for n, b in zip(self.targets, self.buckets, strict=True))
+        self.epoch_batches = sum(
+            -(-n // b.batch_size) for n, b in zip(self.targets, self.buckets, strict=True)
+        )
         if self.epoch_batches == 0:
             raise ValueError("the mixing weights leave no batches in an epoch")
         self.start = 0  # global index of the first batch this iterator yields (resume point)
@@ -99,7 +101,9 @@ class BucketBatchSampler:
             share = {True: tw.get("t2i", 0.0), False: tw.get("t2v", 0.0) + tw.get("i2v", 0.0)}
             for g in (True, False):
                 if share[g] > 0 and group_size[g] == 0:
-                    log.warning(f"mix.task_weights asks for {'images' if g else 'videos'} but the data has none")
+                    log.warning(
+                        f"mix.task_weights asks for {'images' if g else 'videos'} but the data has none"
+                    )
                     share[g] = 0.0
             norm = share[True] + share[False]
             if norm <= 0:
@@ -125,7 +129,9 @@ class BucketBatchSampler:
         raw = []
         for b, target in zip(self.buckets, self.targets, strict=True):
             reps = -(-target // len(b.indices)) if target else 0
-            order = np.concatenate([b.indices[rng.permutation(len(b.indices))] for _ in range(reps)] or [b.indices[:0]])
+            order = np.concatenate(
+                [b.indices[rng.permutation(len(b.indices))] for _ in range(reps)] or [b.indices[:0]]
+            )
             order = order[:target]
             i2v = rng.random(target) < p_i2v
             for s in range(0, target, b.batch_size):
@@ -157,12 +163,18 @@ class BucketBatchSampler:
 
     def state_dict(self) -> dict:
         epoch, position = divmod(self.consumed, self.epoch_batches)
-        return {"seed": self.seed, "epoch": int(epoch), "position": int(position),
-                "epoch_batches": self.epoch_batches}
+        return {
+            "seed": self.seed,
+            "epoch": int(epoch),
+            "position": int(position),
+            "epoch_batches": self.epoch_batches,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            log.warning(f"data sampler seed changed on resume: {state['seed']} -> {self.seed} (using the checkpoint's)")
+            log.warning(
+                f"data sampler seed changed on resume: {state['seed']} -> {self.seed} (using the checkpoint's)"
+            )
             self.seed = int(state["seed"])
             self._plan_cache = None
         position = int(state["position"])

@@ -8,6 +8,7 @@ mugv dataset directory:
                                       "negative.y", "negative.mask"
     shards/r00000-000003.safetensors  many samples each: "<id>.latent" [24, T, H, W],
                                       "<id>.y" [L, Ct] (trimmed to the caption's tokens), "<id>.mask" [L]
+                                      (clips of one input share the text of their first clip)
     manifest/r00000-000003.jsonl      one JSON row per sample of that shard (see SampleRecord)
     failures/r00000.jsonl             prep failures of rank 0: {"item", "reason", "detail"}
 
@@ -115,8 +116,13 @@ class DatasetWriter:
         self.done = finished_items(root)
 
     def write_meta(self, latent_channels: int, text_dim: int, prompts: dict[str, str]) -> None:
-        meta = {"format": FORMAT, "version": 1, "latent_channels": latent_channels, "text_dim": text_dim,
-                "prompts": prompts}
+        meta = {
+            "format": FORMAT,
+            "version": 1,
+            "latent_channels": latent_channels,
+            "text_dim": text_dim,
+            "prompts": prompts,
+        }
         _atomic_json(os.path.join(self.root, META), meta, self.rank)
 
     def write_text_embeddings(self, embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -130,23 +136,41 @@ class DatasetWriter:
         os.replace(tmp, path)
 
     def add_item(self, item: str, samples: list[PreparedSample]) -> None:
+        text_keys: dict[int, str] = {}  # clips sharing one caption tensor share its stored copy
         for s in samples:
             if s.latent.dim() != 4:
-                raise ValueError(f"{item}: sample {s.id} latent has shape {tuple(s.latent.shape)}, expected [C,T,H,W]")
+                raise ValueError(
+                    f"{item}: sample {s.id} latent has shape {tuple(s.latent.shape)}, expected [C,T,H,W]"
+                )
             shard = self._shard_name(self._next)
             latent = s.latent.to(self.latent_dtype).contiguous()
             self._tensors[f"{s.id}.latent"] = latent
-            self._tensors[f"{s.id}.y"] = s.y.contiguous()
-            self._tensors[f"{s.id}.mask"] = s.mask.bool().contiguous()
-            self._bytes += sum(t.numel() * t.element_size() for t in (latent, s.y))
+            text = text_keys.setdefault(id(s.y), s.id)
+            if text == s.id:
+                self._tensors[f"{s.id}.y"] = s.y.contiguous()
+                self._tensors[f"{s.id}.mask"] = s.mask.bool().contiguous()
+                self._bytes += s.y.numel() * s.y.element_size()
+            self._bytes += latent.numel() * latent.element_size()
             c, t, h, w = latent.shape
-            self._rows.append({
-                "id": s.id, "item": item, "source": s.source, "task": s.task, "shape": [t, h, w],
-                "channels": c, "fps": float(s.fps), "num_frames": s.num_frames, "height": s.height,
-                "width": s.width, "caption_len": int(s.mask.sum()), "caption": s.caption,
-                "file": f"shards/{shard}.safetensors",
-                "keys": {"latent": f"{s.id}.latent", "y": f"{s.id}.y", "mask": f"{s.id}.mask"}, **s.extra,
-            })
+            self._rows.append(
+                {
+                    "id": s.id,
+                    "item": item,
+                    "source": s.source,
+                    "task": s.task,
+                    "shape": [t, h, w],
+                    "channels": c,
+                    "fps": float(s.fps),
+                    "num_frames": s.num_frames,
+                    "height": s.height,
+                    "width": s.width,
+                    "caption_len": int(s.mask.sum()),
+                    "caption": s.caption,
+                    "file": f"shards/{shard}.safetensors",
+                    "keys": {"latent": f"{s.id}.latent", "y": f"{text}.y", "mask": f"{text}.mask"},
+                    **s.extra,
+                }
+            )
         self.done.add(item)
         if self._bytes >= self.shard_bytes:
             self.flush()
@@ -190,7 +214,7 @@ def _atomic_json(path: str, obj, rank: int) -> None:
 
 def finished_items(root: str) -> set[str]:
     """Prep inputs already handled (written or failed), over all ranks' parts."""
-    done = {r["item"] for r in _manifest_rows(root)}
+    done = {row["item"] for _, _, row in _manifest_rows(root)}
     done.update(f["item"] for f in read_failures(root))
     return done
 
@@ -241,13 +265,27 @@ def read_dataset_dir(root: str) -> list[SampleRecord]:
         try:
             keys = row["keys"]
             path = os.path.join(root, row["file"])
-            records.append(SampleRecord(
-                id=row["id"], shape=tuple(int(v) for v in row["shape"]), task=row["task"], fps=float(row["fps"]),
-                num_frames=int(row["num_frames"]), height=int(row["height"]), width=int(row["width"]),
-                latent_file=path, text_file=path, latent_key=keys["latent"], y_key=keys["y"],
-                mask_key=keys["mask"], caption_len=int(row.get("caption_len", -1)), item=row.get("item", ""),
-                source=row.get("source", ""), caption=row.get("caption", ""), channels=int(row.get("channels", 24)),
-            ))
+            records.append(
+                SampleRecord(
+                    id=row["id"],
+                    shape=tuple(int(v) for v in row["shape"]),
+                    task=row["task"],
+                    fps=float(row["fps"]),
+                    num_frames=int(row["num_frames"]),
+                    height=int(row["height"]),
+                    width=int(row["width"]),
+                    latent_file=path,
+                    text_file=path,
+                    latent_key=keys["latent"],
+                    y_key=keys["y"],
+                    mask_key=keys["mask"],
+                    caption_len=int(row.get("caption_len", -1)),
+                    item=row.get("item", ""),
+                    source=row.get("source", ""),
+                    caption=row.get("caption", ""),
+                    channels=int(row.get("channels", 24)),
+                )
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{part}:{n}: bad manifest row ({type(err).__name__}: {err})") from None
     return records
@@ -261,7 +299,9 @@ def read_release_csv(path: str, default_fps: float) -> tuple[list[SampleRecord],
         reader = csv.DictReader(f)
         missing = [c for c in RELEASE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected header {','.join(RELEASE_COLUMNS)}")
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; expected header {','.join(RELEASE_COLUMNS)}"
+            )
         rows = list(reader)
     cache_path = path + ".mugv-shapes.json"
     cache = _load_json(cache_path)
@@ -283,12 +323,22 @@ def read_release_csv(path: str, default_fps: float) -> tuple[list[SampleRecord],
             errors.append((sid, f"{latent}: {type(err).__name__}: {err}"))
             continue
         c, t, h, w = shape
-        records.append(SampleRecord(
-            id=sid, shape=(t, h, w), task="t2v" if t > 1 else "t2i", fps=default_fps,
-            num_frames=8 * (t - 1) + 1, height=8 * h, width=8 * w, latent_file=latent,
-            text_file=os.path.join(base, row["text_feat_path"]), source=row["source"], channels=c,
-            release_source=row["source"],
-        ))
+        records.append(
+            SampleRecord(
+                id=sid,
+                shape=(t, h, w),
+                task="t2v" if t > 1 else "t2i",
+                fps=default_fps,
+                num_frames=8 * (t - 1) + 1,
+                height=8 * h,
+                width=8 * w,
+                latent_file=latent,
+                text_file=os.path.join(base, row["text_feat_path"]),
+                source=row["source"],
+                channels=c,
+                release_source=row["source"],
+            )
+        )
     if dirty:
         try:
             write_json_atomic(cache_path, cache)
@@ -355,12 +405,18 @@ class TensorReader:
             self._handles.popitem(last=False)
         return h
 
-    def load(self, rec: SampleRecord, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load(
+        self, rec: SampleRecord, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> latent [C, T, H, W] float32, y [L, Ct] float32, mask [L] bool. Raises on any problem.
         normalize=False leaves release "real" latents raw."""
         if rec.latent_key:
             h = self._handle(rec.latent_file)
-            latent, y, mask = h.get_tensor(rec.latent_key), h.get_tensor(rec.y_key), h.get_tensor(rec.mask_key)
+            latent, y, mask = (
+                h.get_tensor(rec.latent_key),
+                h.get_tensor(rec.y_key),
+                h.get_tensor(rec.mask_key),
+            )
         else:
             latent = _pt_latent(rec.latent_file).clone()
             text = torch.load(rec.text_file, map_location="cpu", weights_only=True)
@@ -372,16 +428,22 @@ class TensorReader:
                 latent = (latent.float() - shift.reshape(-1, 1, 1, 1)) / scale.reshape(-1, 1, 1, 1)
         expect = (rec.channels, *rec.shape)
         if tuple(latent.shape) != expect:
-            raise ValueError(f"{rec.latent_file}: latent of {rec.id} has shape {tuple(latent.shape)}, manifest says {expect}")
+            raise ValueError(
+                f"{rec.latent_file}: latent of {rec.id} has shape {tuple(latent.shape)}, manifest says {expect}"
+            )
         if y.dim() != 2 or mask.shape != y.shape[:1]:
-            raise ValueError(f"{rec.text_file}: text of {rec.id} has y {tuple(y.shape)} / mask {tuple(mask.shape)}")
+            raise ValueError(
+                f"{rec.text_file}: text of {rec.id} has y {tuple(y.shape)} / mask {tuple(mask.shape)}"
+            )
         return latent.float(), y.float(), mask.bool()
 
     def _vae_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stats is None:
             if not self._stats_path:
-                raise ValueError("release CSV row with source 'real' needs DataConfig.release_vae_stats "
-                                 "(a file with 'shift' and 'scale', e.g. vae.pt)")
+                raise ValueError(
+                    "release CSV row with source 'real' needs DataConfig.release_vae_stats "
+                    "(a file with 'shift' and 'scale', e.g. vae.pt)"
+                )
             sd = torch.load(self._stats_path, map_location="cpu", weights_only=True, mmap=True)
             if "shift" not in sd or "scale" not in sd:
                 raise ValueError(f"{self._stats_path}: keys 'shift' and 'scale' not found")

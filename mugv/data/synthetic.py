@@ -25,10 +25,12 @@ def write_synthetic_dataset(
     g = torch.Generator().manual_seed(seed)
     writer = DatasetWriter(root, shard_bytes=shard_bytes, latent_dtype=latent_dtype)
     writer.write_meta(channels, text_dim, {"null": "", "negative": "bad quality"})
-    writer.write_text_embeddings({
-        "null": (torch.zeros(1, text_dim), torch.ones(1, dtype=torch.bool)),
-        "negative": (torch.randn(3, text_dim, generator=g), torch.ones(3, dtype=torch.bool)),
-    })
+    writer.write_text_embeddings(
+        {
+            "null": (torch.zeros(1, text_dim), torch.ones(1, dtype=torch.bool)),
+            "negative": (torch.randn(3, text_dim, generator=g), torch.ones(3, dtype=torch.bool)),
+        }
+    )
     ids, k = [], 0
     for (t, h, w), count in shapes.items():
         for _ in range(count):
@@ -37,9 +39,17 @@ def write_synthetic_dataset(
             latent.view(-1)[0] = k
             n = 1 + k % text_len
             sample = PreparedSample(
-                id=sid, latent=latent, y=torch.randn(n, text_dim, generator=g), mask=torch.ones(n, dtype=torch.bool),
-                fps=24.0 if t > 1 else 1.0, num_frames=8 * (t - 1) + 1, height=8 * h, width=8 * w,
-                task="t2v" if t > 1 else "t2i", source="synthetic", caption=f"sample {k}",
+                id=sid,
+                latent=latent,
+                y=torch.randn(n, text_dim, generator=g),
+                mask=torch.ones(n, dtype=torch.bool),
+                fps=24.0 if t > 1 else 1.0,
+                num_frames=8 * (t - 1) + 1,
+                height=8 * h,
+                width=8 * w,
+                task="t2v" if t > 1 else "t2i",
+                source="synthetic",
+                caption=f"sample {k}",
             )
             writer.add_item(sid, [sample])
             ids.append(sid)
