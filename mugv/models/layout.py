@@ -30,7 +30,12 @@ class Run:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Global geometry of the sequence, and the slice [lo, hi) of it that this module holds."""
+    """Global geometry of the sequence, and the slice [lo, hi) of it that this module holds.
+
+    Under sequence/context parallelism the sequence is right-padded to a multiple of the shard
+    count, so hi may exceed N: padding tokens use the start/end row and position (0, 0, 0);
+    attention never uses them as keys and the output drops them.
+    """
 
     T: int
     Hp: int
@@ -56,7 +61,7 @@ class TokenLayout:
     def runs(self) -> list[Run]:
         lo, hi, S, T = self.lo, self.stop, self.S, self.T
         out: list[Run] = []
-        if lo == 0:
+        if lo == 0 and hi > 0:
             out.append(Run(0, 1, 1, T))
         a, b = max(lo, 1), min(hi, 1 + T * S)
         while a < b:
@@ -69,8 +74,9 @@ class TokenLayout:
                 take = min(S - within, b - a)
                 out.append(Run(a - lo, 1, take, frame))
                 a += take
-        if hi == self.N:
-            out.append(Run(hi - 1 - lo, 1, 1, T))
+        tail = max(lo, self.N - 1)  # end token and padding: one run on the start/end row
+        if hi > tail:
+            out.append(Run(tail - lo, 1, hi - tail, T))
         return out
 
     def positions(self, frame_indices: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,7 @@ class TokenLayout:
         frame, within = v // self.S, v % self.S
         h, w = within // self.Wp, within % self.Wp
         tidx = frame + 1
-        is_start, is_end = g == 0, g == self.N - 1
+        is_start, is_end = (g == 0) | (g >= self.N), g == self.N - 1
         tidx = torch.where(is_start, 0, torch.where(is_end, self.T + 1, tidx))
         h = torch.where(is_start, 0, torch.where(is_end, self.Hp - 1, h))
         w = torch.where(is_start, 0, torch.where(is_end, self.Wp - 1, w))

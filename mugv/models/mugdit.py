@@ -269,11 +269,11 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, C) / C**0.5)
         self.linear = nn.Linear(C, cfg.patch_out)
 
-    def forward(self, x, frame_emb, layout):
-        B, F1, C = frame_emb.shape
-        shift, scale = (self.scale_shift_table[None, None] + frame_emb[:, :, None]).unbind(2)  # [B, T+1, C]
-        h = apply_per_frame(F.layer_norm(x, (C,), eps=self.eps), layout, _modulate, shift, scale)
-        return self.linear(h)
+    def forward(self, x, frame_emb, layout, seq_dim: int = 1):
+        """x [B, n, C] with frame_emb [B, T+1, C] (seq_dim=1), or [n, B, C] with [T+1, B, C] (seq_dim=0)."""
+        shift, scale = (self.scale_shift_table + frame_emb.unsqueeze(-2)).unbind(-2)
+        h = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return self.linear(apply_per_frame(h, layout, _modulate, shift, scale, seq_dim=seq_dim))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ What it does:
      'torch.cuda.FloatTensor'), which is what DistributedOptimizer._build_model_and_main_
      param_groups, MixedPrecisionOptimizer and clip_grads check; ``Tensor.type('torch.cuda.X')``
      converts to the CPU type 'torch.X'.
-2. ``torch.cuda`` attributes replaced by CPU stand-ins: ``current_device`` (0), ``set_device``,
+2. ``torch.cuda`` attributes replaced by CPU stand-ins: ``current_device`` ("cpu", valid even where the mode is not active, e.g. in autograd backward), ``set_device``,
    ``synchronize``, ``Stream``/``current_stream``/``default_stream``/``stream`` (one inline
    "stream", so DDP's overlapped reduce-scatter simply runs synchronously), ``Event`` (records
    wall time so Megatron timers still measure), ``nvtx.range_push/range_pop``,
@@ -160,7 +160,7 @@ def _cpu_manual_seed(seed: int) -> None:
 
 def _torch_cuda_replacements() -> dict[str, Any]:
     return {
-        "current_device": lambda: 0,
+        "current_device": lambda: "cpu",
         "set_device": lambda device: None,
         "synchronize": lambda device=None: None,
         "Stream": _CpuStream,

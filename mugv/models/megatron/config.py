@@ -1,0 +1,100 @@
+"""TransformerConfig for the Megatron MUGDiT: Megatron's parallel/precision fields plus the DiT's own.
+
+Only fields a DiT uses are added; LLM-only fields of TransformerConfig keep their defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from mugv.models.mugdit import MUGDiTConfig
+
+BACKENDS = ("local", "te")
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+CP_ATTENTION = ("a2a", "allgather")
+
+
+@dataclass
+class MUGDiTTransformerConfig(TransformerConfig):
+    in_channels: int = 24
+    out_channels: int = 48
+    caption_channels: int = 4096
+    frequency_embedding_size: int = 256
+    rope_theta: float = 10000.0
+    rope_max_hw: int = 384
+    rope_max_t: int = 480
+    # "local": Megatron Column/RowParallelLinear + torch SDPA core; "te": Transformer Engine linears
+    backend: str = "local"
+    # context-parallel self-attention for the SDPA core: all-to-all over heads (Ulysses) or all-gather KV
+    cp_attention: str = "a2a"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.cp_attention not in CP_ATTENTION:
+            raise ValueError(f"cp_attention must be one of {CP_ATTENTION}, got {self.cp_attention!r}")
+        if self.kv_channels % 6:
+            raise ValueError(f"head dim {self.kv_channels} must be a multiple of 6 (3D RoPE)")
+        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
+        if self.num_attention_heads % tp:
+            raise ValueError(f"num_heads {self.num_attention_heads} is not divisible by tensor parallel size {tp}")
+        if cp > 1 and self.cp_attention == "a2a" and (self.num_attention_heads // tp) % cp:
+            raise ValueError(
+                f"Ulysses context parallelism needs heads per TP rank ({self.num_attention_heads // tp}) "
+                f"divisible by the context parallel size {cp}; use cp_attention='allgather'"
+            )
+        # the conditioning embedders live on every pipeline stage; Megatron sums their grads over PP
+        self.has_cond_embedder = True
+
+    @property
+    def dit(self) -> MUGDiTConfig:
+        return MUGDiTConfig(
+            hidden_size=self.hidden_size,
+            depth=self.num_layers,
+            num_heads=self.num_attention_heads,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            caption_channels=self.caption_channels,
+            mlp_ratio=self.ffn_hidden_size // self.hidden_size,
+            frequency_embedding_size=self.frequency_embedding_size,
+            norm_eps=self.layernorm_epsilon,
+            rope_theta=self.rope_theta,
+            rope_max_hw=self.rope_max_hw,
+            rope_max_t=self.rope_max_t,
+        )
+
+
+def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
+    """The Megatron config of a MUGDiT architecture plus parallel/precision settings
+    (tensor_model_parallel_size, sequence_parallel, pipeline_model_parallel_size,
+    virtual_pipeline_model_parallel_size, context_parallel_size, bf16, recompute_granularity, ...)."""
+    return MUGDiTTransformerConfig(
+        num_layers=dit.depth,
+        hidden_size=dit.hidden_size,
+        num_attention_heads=dit.num_heads,
+        kv_channels=dit.head_dim,
+        ffn_hidden_size=dit.mlp_ratio * dit.hidden_size,
+        layernorm_epsilon=dit.norm_eps,
+        add_bias_linear=True,
+        activation_func=gelu_tanh,
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        in_channels=dit.in_channels,
+        out_channels=dit.out_channels,
+        caption_channels=dit.caption_channels,
+        frequency_embedding_size=dit.frequency_embedding_size,
+        rope_theta=dit.rope_theta,
+        rope_max_hw=dit.rope_max_hw,
+        rope_max_t=dit.rope_max_t,
+        **parallel,
+    )

@@ -1,0 +1,173 @@
+"""Run the Megatron MUGDiT at a parallel layout on N gloo ranks and bring back, in the release
+layout, what the single-process reference is compared against: the (gathered) outputs, every
+parameter's gradient after finalize, and every parameter after one optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+ADAM = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0)
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+    sp: bool = False
+    cp_attention: str = "a2a"
+    distopt: bool = True
+    overlap: bool = False
+    microbatches: int = 1
+    recompute: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    dp: int = 1
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    B = next(iter(batch.values())).shape[0]
+    return [{k: v[i * B // parts : (i + 1) * B // parts] for k, v in batch.items()} for i in range(parts)]
+
+
+def _densify(chunk, p, g: torch.Tensor, distopt: bool) -> torch.Tensor:
+    """With the distributed optimizer a grad is valid only in this rank's DP shard: assemble it."""
+    from megatron.core import parallel_state
+
+    from mugv.parallel.grads import _dp_shard_mask
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if not distopt or dist.get_world_size(group) == 1:
+        return g
+    mask = _dp_shard_mask(chunk, p, dist.get_rank(group), dist.get_world_size(group))
+    g = g.clone().view(-1).mul_(mask).view(g.shape)
+    dist.all_reduce(g, group=group)
+    return g
+
+
+def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str, torch.Tensor]:
+    """This rank's parameters (what='data') or gradients (what='grad') in the release layout,
+    merged over tensor parallelism."""
+    from megatron.core import parallel_state
+
+    from mugv.models.megatron.weight_map import chunk_mapping, merge
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group)
+    out = {}
+    for ddp in ddp_chunks:
+        chunk = ddp.module
+        params = dict(chunk.named_parameters())
+        for row in chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process):
+            p = params[row.megatron]
+            t = p.detach().clone() if what == "data" else _densify(ddp, p, p.main_grad.detach(), distopt)
+            shards = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(shards, t.contiguous(), group=tp_group)
+            out[row.release] = merge(shards, row.layout, num_heads)
+    return out
+
+
+def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, batch, target):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mugv.diffusion import flow_loss
+    from mugv.models import MUGDiTConfig
+    from mugv.models.megatron import build_model_chunks, megatron_config, padded_sequence_length
+    from mugv.models.megatron.weight_map import release_to_chunk
+    from mugv.parallel.grads import finalize_grads
+    from mugv.parallel.runtime import init_distributed
+
+    init_distributed(tp=layout.tp, pp=layout.pp, cp=layout.cp, vpp=layout.vpp)
+    dit = MUGDiTConfig(**dit_kwargs)
+    cfg = megatron_config(
+        dit,
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        cp_attention=layout.cp_attention,
+        pipeline_dtype=torch.float32,
+        recompute_granularity=layout.recompute,
+        **layout.extra,
+    )
+    chunks = build_model_chunks(cfg)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for c in chunks:
+        c.load_state_dict(release_to_chunk(release_sd, c, tp_rank, layout.tp, dit.num_heads), strict=True)
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distopt,
+        overlap_grad_reduce=layout.overlap, bucket_size=20000,
+    )
+    model = [DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=c) for c in chunks]
+    cfg.finalize_model_grads_func = finalize_grads
+    if layout.overlap:
+        cfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=ADAM["lr"], adam_beta1=ADAM["betas"][0], adam_beta2=ADAM["betas"][1],
+            adam_eps=ADAM["eps"], weight_decay=ADAM["weight_decay"], use_distributed_optimizer=layout.distopt,
+            clip_grad=0.0, params_dtype=torch.float32,
+        ),
+        model,
+    )
+    for m in model:
+        m.zero_grad_buffer()
+    opt.zero_grad()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    local = split_batch({**batch, "target": target}, dp)[dp_rank]
+    mbs = split_batch(local, layout.microbatches)
+    outputs = []
+
+    def forward_step(data_iterator, module):
+        mb = next(data_iterator)
+        inputs = {k: v for k, v in mb.items() if k != "target"}
+        out = module(**inputs)
+
+        def loss_func(output):
+            outputs.append(output.detach())
+            # every CP rank computes the full loss from the gathered output; Megatron's schedule
+            # multiplies it by the CP size, which DDP's 1/(DP*CP) averaging undoes
+            loss = flow_loss(output, mb["target"], inputs["x_mask"]).mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    T, H, W = batch["x"].shape[2:]
+    data = [iter(mbs) for _ in model] if len(model) > 1 else iter(mbs)
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=model if len(model) > 1 else model[0],
+        num_microbatches=layout.microbatches, seq_length=padded_sequence_length(cfg, T, H, W),
+        micro_batch_size=mbs[0]["x"].shape[0], forward_only=False,
+    )
+    grads = to_release(model, "grad", layout.distopt, dit.num_heads)
+    ok, grad_norm, _ = opt.step()
+    assert ok, "optimizer step skipped"
+    params = to_release(model, "data", layout.distopt, dit.num_heads)
+    return dict(outputs=torch.cat(outputs) if outputs else None, dp_rank=dp_rank, grads=grads, params=params)
+
+
+def reference(model, batch, target):
+    """Single-process output, gradients and params after one Adam step (release layout)."""
+    from mugv.diffusion import flow_loss
+
+    out = model(**batch)
+    loss = flow_loss(out, target, batch["x_mask"]).mean()
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), **ADAM)
+    opt.step()
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return out.detach(), grads, params
