@@ -227,3 +227,54 @@ def test_bucket_table_rejects_bad_sizes():
 
     with pytest.raises(ConfigError, match="not a positive multiple of 16"):
         load_config(PrepConfig, None, ["captions=a.csv", "output=o", "buckets.sizes=[720x1270]"])
+
+
+def test_mugv_prep_cli_with_real_tiny_encoders(tmp_path, monkeypatch):
+    """`mugv prep` end to end with the project's VideoVAE (small random config) and a tiny T5."""
+    from mugv.text import make_tiny_t5
+    from mugv.vae import VideoVAE, VideoVAEConfig
+
+    small = VideoVAEConfig(
+        spatial_channels=(16, 16, 32, 32),
+        spatial_layers=1,
+        spatial_groups=8,
+        temporal_filters=16,
+        temporal_res_blocks=1,
+        temporal_groups=8,
+    )
+    torch.manual_seed(0)
+    vae_path = str(tmp_path / "vae.pt")
+    torch.save(VideoVAE(small).state_dict(), vae_path)
+    t5 = make_tiny_t5(tmp_path / "t5", d_model=32)
+    release = VideoVAE.from_release.__func__
+    monkeypatch.setattr(
+        VideoVAE, "from_release", classmethod(lambda cls, p, **kw: release(cls, p, small, **kw))
+    )
+    bunny = os.path.join(DATA, "bigbuckbunny.mp4")
+    (tmp_path / "c.csv").write_text(f"path,caption\n{bunny},a rabbit wakes up\nnope.mp4,missing\n")
+    out = str(tmp_path / "ds")
+    argv = [
+        "prep",
+        "--captions",
+        str(tmp_path / "c.csv"),
+        "--output",
+        out,
+        "--vae",
+        vae_path,
+        "--t5",
+        t5,
+        "fps=20",
+        "buckets.sizes=[64x112]",
+        "buckets.num_frames=[17]",
+        "negative_prompt=ugly",
+    ]
+    assert cli(argv) == 0
+    (rec,) = read_records(out)[0]
+    assert (rec.shape, rec.height, rec.width, rec.num_frames) == ((3, 8, 14), 64, 112, 17)
+    assert [f["reason"] for f in read_failures(out)] == ["missing"]
+    assert check_dataset(out).ok
+    loader = LatentLoader(DataConfig(paths=[out], num_workers=0))
+    batch = next(iter(loader))
+    assert batch.latents.shape == (1, 24, 3, 8, 14) and batch.y.shape == (1, 1, 300, 32)
+    assert int(batch.mask.sum()) == len(b"a rabbit wakes up") + 1  # ByT5 bytes + EOS
+    assert torch.isfinite(batch.latents).all() and batch.latents.std() > 0

@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from mugv.data.buckets import num_tokens
 from mugv.data.config import TASKS
-from mugv.data.store import SampleRecord, TensorReader, read_meta, read_records, read_text_null
+from mugv.data.reader import TensorReader
+from mugv.data.store import SampleRecord, read_meta, read_records, read_text_null
 
 _FLOAT = {"F32", "F16", "BF16", "F64"}
 

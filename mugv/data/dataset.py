@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from mugv.data.batch import LatentBatch
 from mugv.data.config import DataConfig
+from mugv.data.reader import TensorReader
 from mugv.data.sampler import BatchRequest
-from mugv.data.store import SampleRecord, TensorReader
+from mugv.data.store import SampleRecord
 from mugv.utils.logging import get_logger
 
 log = get_logger("data")
@@ -42,53 +44,48 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load(self, i: int):
+    def _load_into(self, i: int, out: torch.Tensor):
+        """Latent of record i into `out`; -> (y, mask), or None if the sample is bad."""
         rec = self.records[i]
         try:
-            latent, y, mask = self.reader.load(rec)
-            if self.cfg.check_finite and not (torch.isfinite(latent).all() and torch.isfinite(y).all()):
+            y, mask = self.reader.load_into(rec, out)
+            # a sum is non-finite iff a value is (or the sum overflows, which latents never do)
+            if self.cfg.check_finite and not (torch.isfinite(out.sum()) and torch.isfinite(y.sum())):
                 raise ValueError("non-finite values")
-            return latent, y, mask
+            return y, mask
         except Exception as err:  # noqa: BLE001 - any failure makes the sample bad, never the step
             self.known_bad.add(i)
             log.warning(f"bad sample {rec.id} ({rec.latent_file}): {type(err).__name__}: {err}")
             return None
 
+    @staticmethod
+    def _alloc(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """In a worker, allocated in shared memory so handing the batch over copies nothing."""
+        out = torch.empty(shape, dtype=dtype)
+        return out.share_memory_() if get_worker_info() is not None else out
+
+    def _buffer(self, b: int, rec: SampleRecord) -> torch.Tensor:
+        return self._alloc(b, rec.channels, *rec.shape)  # [B, C, T, H, W]
+
     def __getitem__(self, req: BatchRequest) -> LatentBatch:
-        loaded, skipped, lost_tasks = [], [], []
+        latents = self._buffer(len(req.indices), self.records[req.indices[0]])
+        loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)
         for i, task in zip(req.indices, req.tasks, strict=True):
-            out = self._load(i) if i not in self.known_bad else None
-            if out is None:
+            text = self._load_into(i, latents[len(loaded)]) if i not in self.known_bad else None
+            if text is None:
                 skipped.append(self.records[i].id)
                 lost_tasks.append(task)
             else:
-                loaded.append((i, task, out))
+                loaded.append((i, task, *text))
         if lost_tasks:
-            self._refill(req, loaded, lost_tasks)
+            self._refill(req, latents, loaded, lost_tasks)
         bucket = req.bucket
         if not loaded:
-            loaded = self._fallback(req)
+            latents, loaded = self._fallback(req)
             bucket = self.records[loaded[0][0]].bucket
-        return self._collate(req, bucket, loaded, skipped)
+        return self._collate(req, bucket, latents[: len(loaded)], loaded, skipped)
 
-    def _fallback(self, req: BatchRequest) -> list:
-        """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
-        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
-        for _ in range(32):
-            i = int(rng.integers(len(self.records)))
-            out = None if i in self.known_bad else self._load(i)
-            if out is not None:
-                log.warning(
-                    f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
-                    f"using one sample of bucket {self.records[i].bucket}"
-                )
-                return [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", out)]
-        raise BadDataError(
-            f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
-            f"draws from the whole dataset; run `mugv data check`"
-        )
-
-    def _refill(self, req: BatchRequest, loaded: list, lost_tasks: list[str]) -> None:
+    def _refill(self, req: BatchRequest, latents: torch.Tensor, loaded: list, lost_tasks: list[str]) -> None:
         """Replace the lost samples by random others of the bucket (in place)."""
         rng = np.random.default_rng([self.cfg.seed, req.stream_index])
         pool = self.by_bucket[req.bucket]
@@ -96,32 +93,50 @@ class LatentDataset:
             if not lost_tasks:
                 return
             i = int(pool[rng.integers(len(pool))])
-            if i in self.known_bad or any(i == j for j, _, _ in loaded):
+            if i in self.known_bad or any(i == entry[0] for entry in loaded):
                 continue
-            out = self._load(i)
-            if out is None:
-                continue
-            loaded.append((i, lost_tasks.pop(0), out))
+            text = self._load_into(i, latents[len(loaded)])
+            if text is not None:
+                loaded.append((i, lost_tasks.pop(0), *text))
         if lost_tasks:
             log.warning(
                 f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
                 f"{len(req.indices)} samples: no readable replacement found"
             )
 
-    def _collate(self, req: BatchRequest, bucket: str, loaded: list, skipped: list[str]) -> LatentBatch:
-        recs = [self.records[i] for i, _, _ in loaded]
-        latents = torch.stack([out[0] for _, _, out in loaded])  # [B, C, T, H, W]
+    def _fallback(self, req: BatchRequest) -> tuple[torch.Tensor, list]:
+        """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
+        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
+        for _ in range(32):
+            i = int(rng.integers(len(self.records)))
+            if i in self.known_bad:
+                continue
+            latents = self._buffer(1, self.records[i])
+            text = self._load_into(i, latents[0])
+            if text is not None:
+                log.warning(
+                    f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
+                    f"using one sample of bucket {self.records[i].bucket}"
+                )
+                return latents, [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", *text)]
+        raise BadDataError(
+            f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
+            f"draws from the whole dataset; run `mugv data check`"
+        )
+
+    def _collate(
+        self, req: BatchRequest, bucket: str, latents: torch.Tensor, loaded: list, skipped: list[str]
+    ):
+        recs = [self.records[i] for i, _, _, _ in loaded]
         b, t = latents.shape[0], latents.shape[2]
-        lengths = [min(out[1].shape[0], self.cfg.text_len or out[1].shape[0]) for _, _, out in loaded]
+        lengths = [min(y.shape[0], self.cfg.text_len or y.shape[0]) for _, _, y, _ in loaded]
         L = self.cfg.text_len or max(lengths)
-        ct = loaded[0][2][1].shape[1]
-        y = torch.zeros(b, 1, L, ct)
+        y = self._alloc(b, 1, L, loaded[0][2].shape[1]).zero_()
         mask = torch.zeros(b, L, dtype=torch.bool)
-        for k, (_, _, (_, yk, mk)) in enumerate(loaded):
-            n = lengths[k]
-            y[k, 0, :n] = yk[:n]
-            mask[k, :n] = mk[:n]
-        tasks = [task for _, task, _ in loaded]
+        for k, (_, _, yk, mk) in enumerate(loaded):
+            y[k, 0, : lengths[k]] = yk[: lengths[k]]
+            mask[k, : lengths[k]] = mk[: lengths[k]]
+        tasks = [task for _, task, _, _ in loaded]
         x_mask = torch.ones(b, t, dtype=torch.bool)
         for k, task in enumerate(tasks):
             if task == "i2v":

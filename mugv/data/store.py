@@ -29,7 +29,6 @@ import glob
 import json
 import os
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -315,7 +314,7 @@ def read_release_csv(path: str, default_fps: float) -> tuple[list[SampleRecord],
             st = os.stat(latent)
             key = f"{row['latent_path']}|{st.st_size}|{int(st.st_mtime)}"
             if key not in cache:
-                cache[key], dirty = list(_pt_latent(latent).shape), True
+                cache[key], dirty = list(load_pt_latent(latent).shape), True
             shape = cache[key]
             if len(shape) != 4:
                 raise ValueError(f"latent shape {shape}, expected [C, T, H, W]")
@@ -355,7 +354,7 @@ def _load_json(path: str) -> dict:
         return {}
 
 
-def _pt_latent(path: str) -> torch.Tensor:
+def load_pt_latent(path: str) -> torch.Tensor:
     t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"expected a tensor, found {type(t).__name__}")
@@ -385,70 +384,3 @@ def read_text_null(root: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         for n in sorted(names):
             out[n] = (f.get_tensor(f"{n}.y"), f.get_tensor(f"{n}.mask"))
     return out
-
-
-class TensorReader:
-    """Loads one sample's tensors, keeping up to `open_files` shard files memory-mapped."""
-
-    def __init__(self, open_files: int = 8, vae_stats: str = ""):
-        self.open_files = open_files
-        self._handles: OrderedDict[str, object] = OrderedDict()
-        self._stats_path = vae_stats
-        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _handle(self, path: str):
-        h = self._handles.pop(path, None)
-        if h is None:
-            h = safe_open(path, framework="pt")
-        self._handles[path] = h
-        while len(self._handles) > self.open_files:
-            self._handles.popitem(last=False)
-        return h
-
-    def load(
-        self, rec: SampleRecord, normalize: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> latent [C, T, H, W] float32, y [L, Ct] float32, mask [L] bool. Raises on any problem.
-        normalize=False leaves release "real" latents raw."""
-        if rec.latent_key:
-            h = self._handle(rec.latent_file)
-            latent, y, mask = (
-                h.get_tensor(rec.latent_key),
-                h.get_tensor(rec.y_key),
-                h.get_tensor(rec.mask_key),
-            )
-        else:
-            latent = _pt_latent(rec.latent_file).clone()
-            text = torch.load(rec.text_file, map_location="cpu", weights_only=True)
-            if not isinstance(text, dict) or "y" not in text or "mask" not in text:
-                raise ValueError(f"{rec.text_file}: expected a dict with keys 'y' and 'mask'")
-            y, mask = text["y"].reshape(-1, text["y"].shape[-1]), text["mask"].reshape(-1)
-            if rec.release_source == "real" and normalize:
-                shift, scale = self._vae_stats()
-                latent = (latent.float() - shift.reshape(-1, 1, 1, 1)) / scale.reshape(-1, 1, 1, 1)
-        expect = (rec.channels, *rec.shape)
-        if tuple(latent.shape) != expect:
-            raise ValueError(
-                f"{rec.latent_file}: latent of {rec.id} has shape {tuple(latent.shape)}, manifest says {expect}"
-            )
-        if y.dim() != 2 or mask.shape != y.shape[:1]:
-            raise ValueError(
-                f"{rec.text_file}: text of {rec.id} has y {tuple(y.shape)} / mask {tuple(mask.shape)}"
-            )
-        return latent.float(), y.float(), mask.bool()
-
-    def _vae_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stats is None:
-            if not self._stats_path:
-                raise ValueError(
-                    "release CSV row with source 'real' needs DataConfig.release_vae_stats "
-                    "(a file with 'shift' and 'scale', e.g. vae.pt)"
-                )
-            sd = torch.load(self._stats_path, map_location="cpu", weights_only=True, mmap=True)
-            if "shift" not in sd or "scale" not in sd:
-                raise ValueError(f"{self._stats_path}: keys 'shift' and 'scale' not found")
-            self._stats = (sd["shift"].float().flatten(), sd["scale"].float().flatten())
-        return self._stats
-
-    def __getstate__(self):  # open handles do not cross process boundaries
-        return {**self.__dict__, "_handles": OrderedDict()}
