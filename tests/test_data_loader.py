@@ -216,3 +216,10 @@ def test_data_check(ds, tmp_path, capsys):
     assert cli(["data", "check", ds]) == 1
     assert cli(["data", "check", str(tmp_path / "nowhere")]) == 1
     assert bad
+
+
+def test_data_stats_cli(ds, capsys):
+    assert cli(["data", "stats", ds, "--set", "token_budget=60", "--set", "max_batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "22 samples (0 unreadable rows), 10 micro-batches per epoch" in out  # ceil(10/4)+ceil(8/3)+4
+    assert "micro-batch 4" in out and "micro-batch 3" in out and "micro-batch 1" in out

@@ -131,3 +131,21 @@ def test_bad_config_rejected():
         DataConfig(mix=MixConfig(task_weights={"x2v": 1.0})).validate()
     with pytest.raises(ValueError, match="dp_rank 3"):
         make(3, 3)
+
+
+def test_data_config_loads_from_yaml_and_overrides(tmp_path):
+    from mugv.config.loader import ConfigError, load_config
+
+    path = tmp_path / "data.yaml"
+    path.write_text("token_budget: 50\nmax_batch_size: 8\nmix:\n  task_weights: {t2i: 1.0, t2v: 1.0}\n")
+    cfg = load_config(DataConfig, str(path), ["batch_sizes.3x4x6=5", "mix.bucket_weights.2x8x8=2.0"])
+    assert cfg.mix.task_weights == {"t2i": 1.0, "t2v": 1.0} and cfg.batch_sizes == {"3x4x6": 5}
+    s = BucketBatchSampler(BUCKETS, TASKS, cfg)
+    assert [b.batch_size for b in s.buckets] == [8, 1, 5]
+    assert s.targets == [
+        26,
+        11,
+        15,
+    ]  # half images / half videos of 52; 2x8x8 weighted x2: 26 * 12/29, 26 * 17/29
+    with pytest.raises(ConfigError, match="max_bad_fraction"):
+        load_config(DataConfig, None, ["max_bad_fraction=2"])
