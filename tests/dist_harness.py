@@ -99,7 +99,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results), daemon=True)
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results))  # not daemonic: ranks may start helpers
         for r in range(world_size)
     ]
     for p in procs:
