@@ -119,8 +119,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             if not ok:
                 raise DistributedRankError(f"rank {rank} of {world_size} failed:\n{payload}")
             out[rank] = pickle.loads(payload)
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
+        for p in procs:  # results are in; give teardown a few seconds, then kill
+            p.join(min(10.0, max(0.1, deadline - time.monotonic())))
     finally:
         for p in procs:
             if p.is_alive():

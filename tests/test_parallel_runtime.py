@@ -424,3 +424,41 @@ def test_cpu_shim_makes_megatron_rng_tracker_fork_the_cpu_stream():
     torch.testing.assert_close(after0, after1)  # the default stream resumes where it was
     torch.manual_seed(123)
     torch.testing.assert_close(torch.rand(6), torch.cat([b0, after0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# harness and argument checking
+# ---------------------------------------------------------------------------------------------
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on purpose")
+    return rank
+
+
+def _sleep(rank, world_size, seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_harness_reports_failing_rank_and_times_out():
+    from tests.dist_harness import DistributedRankError
+
+    with pytest.raises(DistributedRankError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom on purpose"):
+        run_distributed(_fail_on_rank_one, 2)
+    with pytest.raises(TimeoutError, match="did not finish within 1"):
+        run_distributed(_sleep, 2, 60, timeout=1)
+
+
+def test_init_distributed_rejects_bad_layouts():
+    from mugv.parallel import cpu_shims_installed, init_distributed
+
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp = 3"):
+        init_distributed(tp=3, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="vpp=2 needs pp >= 2"):
+        init_distributed(vpp=2, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="backend"):
+        init_distributed(backend="mpi", world_size=1, rank=0)
+    assert not cpu_shims_installed()
