@@ -173,7 +173,7 @@ def megatron_sharded_state(source: ReleaseSource, prefixes=PREFIXES) -> dict:
 
 def from_hf(src: str, out: str, config: MUGDiTConfig | None = None, overwrite: bool = False) -> MUGDiTConfig:
     """HF directory or release dit.pt -> Megatron checkpoint `out` (model.* and ema.* = the same
-    weights, model_config.json). Written to `<out>.partial` and renamed when complete."""
+    weights, model_config.json, complete.json). Written to `<out>.partial` and renamed when complete."""
     from megatron.core import dist_checkpointing
 
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -190,6 +190,8 @@ def from_hf(src: str, out: str, config: MUGDiTConfig | None = None, overwrite: b
     with dist_session():
         dist_checkpointing.save(megatron_sharded_state(source), tmp)
     write_json_atomic(os.path.join(tmp, MODEL_CONFIG), source.config.to_dict())
+    # the trainer's marker of a finished checkpoint (it resolves run dirs / init_from with it)
+    write_json_atomic(os.path.join(tmp, "complete.json"), {"step": 0, "converted_from": os.path.abspath(src)})
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)
