@@ -378,3 +378,29 @@ def test_wandb_and_video_preview(tmp_path, monkeypatch):
     if not have_moviepy:
         image = events.Images("preview/0")[0]
         assert (image.step, image.width, image.height) == (2, 18, 16)
+
+
+def test_real_flops_and_gpu_peak_lookup(tmp_path, monkeypatch):
+    from mugv.models.flops import mugdit_flops_per_sample
+
+    now = [0.0]
+    cfg = LoggingConfig(interval=1, tensorboard=False, peak_tflops=0.5)
+    m = MetricsLogger(cfg, tmp_path, 0, MODEL, 1, 3, clock=lambda: now[0])  # default flops function
+    m.record_samples(torch.tensor([1.0, 1.0]), ["t2v", "t2v"], "3x5x6", (3, 5, 6), [7, 2])
+    now[0] += 0.5
+    v = m.maybe_log(1)
+    expected = sum(mugdit_flops_per_sample(MODEL, 3, 5, 6, n, training=True) for n in (7, 2))
+    assert v["perf/tflops_per_device"] == pytest.approx(expected / 0.5 / 1e12)
+    assert v["perf/mfu"] == pytest.approx(expected / 0.5 / 0.5e12)
+
+    # on a GPU without logging.peak_tflops the device table gives the peak
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = MetricsLogger(
+        LoggingConfig(tensorboard=False), tmp_path, 0, MODEL, 1, 3, device=torch.device("cuda", 0)
+    )
+    assert gpu.peak_tflops == pytest.approx(989.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
+    gpu = MetricsLogger(
+        LoggingConfig(tensorboard=False), tmp_path, 0, MODEL, 1, 3, device=torch.device("cuda", 0)
+    )
+    assert gpu.peak_tflops is None

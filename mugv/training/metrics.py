@@ -19,8 +19,9 @@ parallelism reduce over the DP group only; with pipeline parallelism record on t
 steps are the same on all ranks; data-wait and step times are rank 0's.
 
 Throughput: model FLOPs are those of the forward and backward pass of each sample at its own
-T/H/W and text length (`mugv.models.flops.mugdit_flops_per_sample(..., training=True)`; activation
-recompute is not counted), so TFLOP/s per device = FLOPs / wall time / world size, and
+T/H/W and real text length (mask sum, at least 1), by
+`mugv.models.flops.mugdit_flops_per_sample(..., training=True)` (activation recompute and text
+padding are not counted), so TFLOP/s per device = FLOPs / wall time / world size, and
 MFU = that / the device's peak (logging.peak_tflops, else the GPU table; none on CPU).
 """
 
@@ -42,6 +43,7 @@ import torch
 from mugv.data.batch import LatentBatch
 from mugv.data.buckets import num_tokens
 from mugv.models import MUGDiTConfig
+from mugv.models.flops import mfu, mugdit_flops_per_sample, peak_bf16_flops
 from mugv.training.config import LoggingConfig
 from mugv.utils.logging import get_logger
 
@@ -213,7 +215,7 @@ class MetricsLogger:
         if self._grad_norm_n:
             out["optim/grad_norm"] = self._grad_norm_sum / self._grad_norm_n
         if self.peak_tflops:
-            out["perf/mfu"] = tflops / self.peak_tflops
+            out["perf/mfu"] = mfu(tflops, self.peak_tflops)
         return out
 
     def _line(self, step: int, v: dict) -> str:
@@ -341,13 +343,12 @@ class MetricsLogger:
             return float(self.cfg.peak_tflops)
         if self.device.type != "cuda":
             return None
-        from mugv.models import flops
-
         name = torch.cuda.get_device_name(self.device)
-        peak = flops.peak_tflops(name)
-        if not peak:
+        peak = peak_bf16_flops(name)
+        if peak is None:
             self._warn_once(f"no peak TFLOP/s known for {name!r}: set logging.peak_tflops for MFU")
-        return peak or None
+            return None
+        return peak / 1e12
 
     def _open_tensorboard(self, start_step: int):
         try:
@@ -413,10 +414,11 @@ def _bind_flops(
     flops_fn: Callable[..., float] | None, config: MUGDiTConfig
 ) -> Callable[[int, int, int, int], float]:
     if flops_fn is None:
-        from mugv.models.flops import mugdit_flops_per_sample as flops_fn
+        flops_fn = mugdit_flops_per_sample
 
     def per_sample(t: int, h: int, w: int, text_len: int) -> float:
-        return float(flops_fn(config, t, h, w, text_len, training=True))
+        # an all-masked caption still costs one key token's worth of cross-attention work
+        return float(flops_fn(config, t, h, w, max(text_len, 1), training=True))
 
     return per_sample
 
