@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "data", "prep"]
+COMMANDS = ["info", "train", "data", "prep", "convert", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow options: `mugv train cfg.yaml --nproc 2 a.b=1`
+        bad = [e for e in extra if e.startswith("-") or "=" not in e]
+        if bad or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    from mugv.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"mugv {args.command}: config error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ class MetricsLogger:
             "perf/samples_per_s": c["samples"] / elapsed,
             "perf/tokens_per_s": c["tokens"] / elapsed,
             "perf/tflops_per_device": tflops,
+            "perf/model_tflop_per_step": c["flops"] / steps / 1e12,  # all devices; recompute not counted
             "perf/step_s": elapsed / steps,
             "perf/data_wait_s_per_step": self._data_wait / steps,
             "perf/max_memory_gib": self._max_memory_gib(),

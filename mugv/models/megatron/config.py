@@ -89,6 +89,8 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
         bias_activation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # no MoE; this only satisfies TransformerConfig's check against variable_seq_lengths
+        moe_token_dispatcher_type="alltoall",
         in_channels=dit.in_channels,
         out_channels=dit.out_channels,
         caption_channels=dit.caption_channels,

@@ -1,0 +1,79 @@
+"""The DiT forward step: the only place the training loop meets the model.
+
+For one micro-batch: sample timesteps (logit-normal, shifted by each sample's own pixel size
+and latent frame count), noise, interpolate, drop text per sample for classifier-free
+guidance, predict, and return the masked flow-matching loss. All randomness comes from a
+generator seeded by (run seed, micro-batch stream index), so every tensor/context/pipeline
+rank that sees the micro-batch draws the same noise, different data-parallel ranks draw
+different noise, and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mugv.data.batch import LatentBatch
+from mugv.diffusion import add_noise, flow_loss, sample_timesteps, shift_ratio, velocity_target
+
+
+def microbatch_generator(seed: int, stream_index: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + stream_index) % (2**63))
+    return g
+
+
+class DiTForwardStep:
+    """Megatron forward_step_func: (data_iterator, model) -> (output, loss_func)."""
+
+    def __init__(self, seed: int, text_dropout: float, null_text: tuple[torch.Tensor, torch.Tensor] | None):
+        if text_dropout > 0 and null_text is None:
+            raise ValueError("train.text_dropout > 0 needs the dataset's null text embedding (text_null)")
+        self.seed, self.text_dropout, self.null_text = seed, text_dropout, null_text
+
+    def noised_inputs(self, batch: LatentBatch) -> tuple[dict, torch.Tensor]:
+        """Model inputs and the velocity target of one micro-batch."""
+        x0 = batch.latents
+        dev = x0.device
+        g = microbatch_generator(self.seed, batch.stream_index, dev)
+        H_px, W_px = batch.pixel_size[:, 0], batch.pixel_size[:, 1]
+        t = sample_timesteps(shift_ratio(H_px.cpu(), W_px.cpu(), x0.shape[2]).to(dev), g)
+        eps = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
+        y, mask = batch.y, batch.mask
+        if self.text_dropout > 0:
+            drop = torch.rand(x0.shape[0], generator=g, device=dev) < self.text_dropout
+            if bool(drop.any()):
+                y, mask = self._drop_text(y, mask, drop)
+        inputs = dict(
+            x=add_noise(x0, eps, t, batch.x_mask), timestep=t, y=y, mask=mask,
+            x_mask=batch.x_mask, fps=batch.fps, frame_indices=batch.frame_indices,
+        )
+        return inputs, velocity_target(x0, eps)
+
+    def _drop_text(self, y, mask, drop):
+        null_y, null_mask = self.null_text  # [Ln, Ct], [Ln]
+        L = y.shape[2]
+        ny = torch.zeros(L, y.shape[-1], dtype=y.dtype, device=y.device)
+        nm = torch.zeros(L, dtype=torch.bool, device=y.device)
+        n = min(L, null_y.shape[0])
+        ny[:n], nm[:n] = null_y[:n].to(y), null_mask[:n].to(y.device)
+        y = torch.where(drop.view(-1, 1, 1, 1), ny.view(1, 1, L, -1), y)
+        mask = torch.where(drop.view(-1, 1), nm.view(1, L), mask)
+        return y, mask
+
+    def __call__(self, data_iterator, model):
+        batch: LatentBatch = next(data_iterator)
+        inputs, target = self.noised_inputs(batch)
+        output = model(**inputs)
+
+        def loss_func(out: torch.Tensor):
+            per_sample = flow_loss(out, target, batch.x_mask)  # [B]
+            loss = per_sample.mean()
+            return loss, {
+                "loss": loss.detach(),
+                "per_sample": per_sample.detach(),
+                "tasks": batch.tasks,
+                "bucket": batch.bucket,
+                "ids": batch.ids,
+            }
+
+        return output, loss_func

@@ -1,0 +1,169 @@
+"""The training loop. Side concerns (checkpoints, EMA, metrics, signals) are objects; the model
+is met only through the forward-step function (mugv.training.step)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+
+from mugv.data.loader import LatentLoader
+from mugv.models.megatron import padded_sequence_length
+from mugv.parallel.runtime import init_distributed
+from mugv.training.build import build_megatron_config, build_model, build_optimizer
+from mugv.training.checkpointing import Checkpointer, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from mugv.training.config import TrainConfig
+from mugv.training.ema import ShardedEMA
+from mugv.config import to_dict
+from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
+from mugv.training.metrics import MetricsLogger, dp_sum
+from mugv.training.schedule import LRSchedule
+from mugv.training.step import DiTForwardStep
+from mugv.utils.logging import get_logger
+
+log = get_logger("train")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, p = cfg, cfg.parallel
+        self.dist = init_distributed(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
+        self.dit = cfg.model.build()
+        self.mcfg = build_megatron_config(cfg, self.dit)
+        self.model = build_model(cfg, self.mcfg, self.dist.device)
+        self.optimizer = build_optimizer(cfg, self.mcfg, self.model)
+        self.ema = ShardedEMA(self.optimizer, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size())
+        self.forward_step = DiTForwardStep(cfg.train.seed, cfg.train.text_dropout, self.data.text_embeddings.get("null"))
+        self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
+        config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.ckpt = Checkpointer(ckpt_root, cfg.checkpoint.interval, cfg.checkpoint.keep_last, self.dit.to_dict(), config_yaml)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
+        self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
+        self.step = 0
+        self.history: list[float] = []  # loss per step (last pipeline stage; 0 elsewhere)
+        self.logged: list[dict | None] = []  # what the metrics logger logged (rank 0)
+        if self.dist.rank == 0:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def common_state(self) -> dict:
+        return {"step": self.step, "data": self.data.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def resume(self) -> None:
+        """Continue this run from its latest complete checkpoint, else start from train.init_from."""
+        path = latest_checkpoint(self.ckpt.root)
+        if path:
+            common = load_checkpoint(path, self.model, self.optimizer, self.ema)
+            self.step = int(common["step"])
+            self.data.load_state_dict(common["data"])
+            self.schedule.load_state_dict(common["schedule"])
+            log.info(f"resumed from {path} at step {self.step}")
+        elif self.cfg.train.init_from:
+            t = self.cfg.train
+            path = resolve_checkpoint(t.init_from)
+            opt = self.optimizer if t.init_load_optimizer else None
+            load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
+            if opt is None:
+                self.optimizer.reload_model_params()  # main fp32 params from the loaded weights
+            if self.ema is not None:
+                self.ema = ShardedEMA(self.optimizer, self.cfg.ema.decay)
+            log.info(f"initialised from {path} ({'EMA' if t.init_use_ema else 'raw'} weights)")
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def train_step(self, batches) -> dict:
+        self.schedule.apply(self.optimizer, self.step)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        seq = max(padded_sequence_length(self.mcfg, *b.latents.shape[2:]) for b in batches)
+        one = len(self.model) == 1
+        results = get_forward_backward_func()(
+            forward_step_func=self.forward_step,
+            data_iterator=iter(batches) if one else [iter(batches) for _ in self.model],
+            model=self.model[0] if one else self.model,
+            num_microbatches=len(batches),
+            seq_length=seq,
+            micro_batch_size=max(len(b) for b in batches),
+            forward_only=False,
+        )
+        losses = [r["loss"] for r in results]  # only the last pipeline stage has them
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        ids = [i for b in batches for i in b.ids]
+        applied = self.guard.check(self.step, float("nan") if found_inf else loss, grad_norm, ids)
+        if applied:
+            if self.cfg.optim.clip_grad > 0:
+                self.optimizer.clip_grad_norm(self.cfg.optim.clip_grad)
+            self.optimizer.step_with_ready_grads()
+            if self.ema is not None:
+                self.ema.update()
+        return {"results": results, "loss": float(loss), "applied": applied, "grad_norm": grad_norm,
+                "lr": self.schedule.lr(self.step)}
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def make_metrics(self) -> MetricsLogger:
+        """Per-sample metrics are recorded once per sample: on the last pipeline stage by TP/CP
+        rank 0 of each data-parallel replica, then summed over all ranks."""
+        self.records_metrics = (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
+        )
+        return MetricsLogger(
+            self.cfg.logging, self.cfg.run_dir, self.dist.rank, self.dit, self.dist.world_size,
+            self.cfg.train.steps, buckets=sorted({r.bucket for r in self.data.records}),
+            reduce_fn=dp_sum(None) if dist.is_initialized() else None, device=self.dist.device,
+            start_step=self.step, run_config=to_dict(self.cfg),
+        )
+
+    def run(self) -> int:
+        self.resume()
+        self.metrics = self.make_metrics()
+        self.metrics.reset_timer()
+        total, M = self.cfg.train.steps, self.cfg.train.microbatches
+        data = iter(self.data)
+        while self.step < total:
+            t0 = time.perf_counter()
+            batches = [next(data) for _ in range(M)]
+            t_data = time.perf_counter() - t0
+            out = self.train_step([b.to(self.dist.device) for b in batches])
+            if self.records_metrics:  # host copies of the batches: no device sync for text lengths
+                for b, r in zip(batches, out["results"]):
+                    self.metrics.record_samples(r["per_sample"], b.tasks, b.bucket, tuple(b.latents.shape[2:]),
+                                                b.mask.sum(1).tolist())
+            self.step += 1
+            self.history.append(out["loss"])
+            self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
+            self.logged.append(self.metrics.maybe_log(self.step))
+            stop = agree(self.signals.requested or self.budget.expired())
+            self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
+                                 force=stop or self.step == total)
+            if stop:
+                log.info(f"stopping at step {self.step} on request (signal or time budget); checkpoint saved")
+                break
+        self.metrics.close()
+        self.signals.uninstall()
+        return 0
+
+
+def train(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()

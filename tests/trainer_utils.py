@@ -1,0 +1,69 @@
+"""Shared pieces of the trainer tests: a tiny synthetic dataset and run config, and workers that
+run the real Trainer on gloo ranks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mugv.data.synthetic import write_synthetic_dataset
+
+SHAPES = {(1, 4, 4): 4, (2, 4, 6): 4}  # latent (T, H, W) -> samples: images and 2-frame clips
+
+
+def dataset(root: str, shapes=None) -> str:
+    path = os.path.join(root, "ds")
+    if not os.path.isdir(path):
+        write_synthetic_dataset(path, shapes or SHAPES, text_dim=32, text_len=8)
+    return path
+
+
+def overrides(run_dir: str, data: str, steps: int, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}", f"data.paths=[{data}]", "data.num_workers=0", "data.token_budget=100",
+        "model.caption_channels=32", f"train.steps={steps}", "logging.interval=1",
+        "logging.tensorboard=false", "checkpoint.interval=0", "ema.decay=0.9", "optim.lr=1e-3",
+        *extra,
+    ]
+
+
+def release_params(trainer) -> dict[str, torch.Tensor]:
+    """The trainer's current weights in the release layout (collective over TP; PP ranks hold parts)."""
+    from tests.megatron_parity import to_release
+
+    return to_release(trainer.model, "data", False, trainer.dit.num_heads)
+
+
+def train_worker(rank, world, ovr: list[str], kill_on_save_step: int | None = None):
+    from mugv.config import load_config
+    from mugv.training import checkpointing
+    from mugv.training.config import TrainConfig
+    from mugv.training.trainer import Trainer
+
+    if kill_on_save_step is not None:  # die after the shards of that save are written, before publishing
+        original = checkpointing.write_json_atomic
+
+        def dying(path, obj):
+            if path.endswith(checkpointing.COMPLETE) and obj.get("step") == kill_on_save_step:
+                os._exit(17)
+            return original(path, obj)
+
+        checkpointing.write_json_atomic = dying
+    trainer = Trainer(load_config(TrainConfig, None, ovr))
+    trainer.run()
+    return dict(history=trainer.history, logged=trainer.logged, params=release_params(trainer), step=trainer.step)
+
+
+def load_worker(rank, world, ovr: list[str]):
+    """Build at this layout, resume from the run's latest checkpoint, return weights; then train."""
+    from mugv.config import load_config
+    from mugv.training.config import TrainConfig
+    from mugv.training.trainer import Trainer
+
+    trainer = Trainer(load_config(TrainConfig, None, ovr))
+    trainer.resume()
+    loaded = release_params(trainer)
+    start = trainer.step
+    trainer.run()
+    return dict(loaded=loaded, start=start, history=trainer.history, step=trainer.step)
