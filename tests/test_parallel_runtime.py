@@ -371,6 +371,18 @@ def test_dist_checkpoint_reshards_distributed_optimizer(tmp_path, save_tp, load_
 # ---------------------------------------------------------------------------------------------
 
 
+class _CudaScratchInBackward(torch.autograd.Function):
+    """Allocates on "cuda" in backward, as Megatron's communication ops do."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.full((1,), 3.0, device="cuda")
+
+
 def test_cpu_shim_is_explicit_idempotent_and_reversible():
     import mugv.parallel as par
 
@@ -394,6 +406,9 @@ def test_cpu_shim_is_explicit_idempotent_and_reversible():
         with torch.cuda.stream(torch.cuda.Stream()):
             torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
         assert len(torch.overrides._get_current_function_mode_stack()) == 1
+        leaf = torch.ones(2, requires_grad=True)
+        _CudaScratchInBackward.apply(leaf).sum().backward()  # autograd runs backward without modes
+        torch.testing.assert_close(leaf.grad, torch.full((2,), 3.0))
     finally:
         par.uninstall_cpu_shims()
     par.uninstall_cpu_shims()  # idempotent

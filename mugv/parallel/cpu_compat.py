@@ -28,15 +28,21 @@ What it does:
    "stream", so DDP's overlapped reduce-scatter simply runs synchronously), ``Event`` (records
    wall time so Megatron timers still measure), ``nvtx.range_push/range_pop``,
    ``get_rng_state``/``set_rng_state``/``manual_seed``/``manual_seed_all`` (the CPU generator).
-3. ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``:
+3. ``torch.autograd.function.BackwardCFunction.apply`` / ``apply_boxed``: the autograd engine
+   runs backward with an empty TorchFunctionMode stack, so custom autograd Functions (all of
+   Megatron's tensor/sequence/context-parallel communication ops) would run their backward
+   without the mode; the wrappers re-enter ``CudaToCpuMode`` around each custom backward.
+4. ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``:
    read/write the CPU default generator, so ``CudaRNGStatesTracker.fork()`` (weight init of
    TP-split layers, dropout in TP regions, activation recompute) switches the CPU RNG stream
    exactly as it switches the CUDA one on GPU. ``model_parallel_cuda_manual_seed`` therefore
    works on CPU as is.
 
-Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack);
-Megatron's synchronous code paths used here all run on that thread. Every torch call goes
-through one extra Python function while installed, which is fine for debugging-sized runs.
+Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack)
+and is not active in plain tensor/module hooks that run during backward (3. covers custom
+autograd Functions only); ``device="cuda"`` literals in such code would still fail. Every torch
+call goes through one extra Python function while installed, which is fine for debugging-sized
+runs.
 """
 
 from __future__ import annotations
@@ -146,6 +152,18 @@ class _CpuEvent:
 _INLINE_STREAM = _CpuStream()
 
 
+def _in_mode(backward_apply):
+    """Wrap a BackwardCFunction method so the custom backward runs under CudaToCpuMode."""
+
+    def apply(self, *args):
+        if any(isinstance(m, CudaToCpuMode) for m in torch.overrides._get_current_function_mode_stack()):
+            return backward_apply(self, *args)
+        with CudaToCpuMode():
+            return backward_apply(self, *args)
+
+    return apply
+
+
 def _cpu_rng_get(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -188,7 +206,7 @@ def install_cpu_shims() -> None:
         raise RuntimeError("install_cpu_shims: CUDA is available; the CPU shim must not be used with CUDA")
     from megatron.core.tensor_parallel import random as mcore_random
 
-    saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}}
+    saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}, "backward": {}}
     for name, value in _torch_cuda_replacements().items():
         saved["cuda"][name] = getattr(torch.cuda, name)
         setattr(torch.cuda, name, value)
@@ -198,6 +216,10 @@ def install_cpu_shims() -> None:
     for name, value in (("_get_cuda_rng_state", _cpu_rng_get), ("_set_cuda_rng_state", _cpu_rng_set)):
         saved["mcore_random"][name] = getattr(mcore_random, name)
         setattr(mcore_random, name, value)
+    backward_cls = torch.autograd.function.BackwardCFunction
+    for name in ("apply", "apply_boxed"):
+        saved["backward"][name] = backward_cls.__dict__[name]
+        setattr(backward_cls, name, _in_mode(saved["backward"][name]))
     mode = CudaToCpuMode()
     mode.__enter__()
     saved["mode"] = mode
@@ -222,6 +244,8 @@ def uninstall_cpu_shims() -> None:
         setattr(torch.cuda.nvtx, name, value)
     for name, value in saved["mcore_random"].items():
         setattr(saved["module"], name, value)
+    for name, value in saved["backward"].items():
+        setattr(torch.autograd.function.BackwardCFunction, name, value)
     _INSTALLED = None
 
 
