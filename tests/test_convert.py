@@ -116,7 +116,10 @@ def test_verify_fails_on_a_corrupted_checkpoint(converted, tmp_path):
     bad_dit = str(tmp_path / "bad.pt")
     torch.save(sd, bad_dit)
     bad = str(tmp_path / "bad_ckpt")
-    assert cli(["convert", "from-hf", "--src", bad_dit, "--out", bad, "--config", _config_json(model, tmp_path)]) == 0
+    assert (
+        cli(["convert", "from-hf", "--src", bad_dit, "--out", bad, "--config", _config_json(model, tmp_path)])
+        == 0
+    )
     result = verify(dit, bad)
     assert not result.ok and result.max_rel > result.tolerance
     assert cli(["convert", "verify", "--hf", dit, "--ckpt", bad]) == 1

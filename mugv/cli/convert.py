@@ -31,11 +31,15 @@ def register(sub) -> None:
     f = conv.add_parser("from-hf", help="HF directory or release dit.pt -> Megatron checkpoint (any TP/PP)")
     f.add_argument("--src", required=True, help="HF directory or release dit.pt")
     f.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
-    f.add_argument("--config", default=None, help="preset name or JSON (dit.pt only; inferred from shapes if absent)")
+    f.add_argument(
+        "--config", default=None, help="preset name or JSON (dit.pt only; inferred from shapes if absent)"
+    )
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     f.set_defaults(func=run_from_hf)
 
-    v = conv.add_parser("verify", help="compare a Megatron checkpoint with HF / release weights on a probe batch")
+    v = conv.add_parser(
+        "verify", help="compare a Megatron checkpoint with HF / release weights on a probe batch"
+    )
     v.add_argument("--hf", required=True, help="HF directory or release dit.pt")
     v.add_argument("--ckpt", required=True, help="checkpoint dir, run dir or checkpoints/ dir")
     v.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at")
@@ -68,6 +72,8 @@ def run_from_hf(args) -> int:
 def run_verify(args) -> int:
     from mugv.convert import verify
 
-    result = verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, ema=args.ema, tolerance=args.tolerance, seed=args.seed)
+    result = verify(
+        args.hf, args.ckpt, tp=args.tp, pp=args.pp, ema=args.ema, tolerance=args.tolerance, seed=args.seed
+    )
     print(result.format())
     return 0 if result.ok else 1

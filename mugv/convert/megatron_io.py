@@ -83,7 +83,9 @@ def _load_full(ckpt_dir: str, keys: list[str], meta: dict) -> dict[str, torch.Te
     from megatron.core.dist_checkpointing import ShardedTensor
 
     request = {
-        k: ShardedTensor.from_rank_offsets(k, torch.empty(meta[k].global_shape, dtype=meta[k].dtype), replica_id=0)
+        k: ShardedTensor.from_rank_offsets(
+            k, torch.empty(meta[k].global_shape, dtype=meta[k].dtype), replica_id=0
+        )
         for k in keys
     }
     return dist_checkpointing.load(request, ckpt_dir, validate_access_integrity=False)

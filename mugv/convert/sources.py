@@ -46,7 +46,9 @@ def resolve_checkpoint_dir(path: str) -> str:
                 name = f.read().strip()
             target = name if os.path.isabs(name) else os.path.join(base, name)
             if not is_megatron_checkpoint(target):
-                raise FileNotFoundError(f"{latest} names {name!r}, which is not a complete Megatron checkpoint")
+                raise FileNotFoundError(
+                    f"{latest} names {name!r}, which is not a complete Megatron checkpoint"
+                )
             return target
     raise FileNotFoundError(
         f"{path} is not a Megatron checkpoint (no {DIST_METADATA}) and has no latest or checkpoints/latest file"
@@ -97,7 +99,9 @@ def infer_config(shapes: dict[str, tuple[int, ...]], name: str) -> MUGDiTConfig:
             frequency_embedding_size=shapes["t_embedder.mlp.0.weight"][1],
         )
     except KeyError as err:
-        raise ValueError(f"{name}: cannot infer the MUGDiT config, key {err} is missing; pass --config") from None
+        raise ValueError(
+            f"{name}: cannot infer the MUGDiT config, key {err} is missing; pass --config"
+        ) from None
 
 
 def expected_shapes(config: MUGDiTConfig) -> dict[str, tuple[int, ...]]:
@@ -116,7 +120,9 @@ def check_release_shapes(shapes: dict[str, tuple[int, ...]], config: MUGDiTConfi
         )
     for k, shape in want.items():
         if tuple(shapes[k]) != shape:
-            raise ValueError(f"{name}: {k} has shape {list(shapes[k])}, expected {list(shape)} for this config")
+            raise ValueError(
+                f"{name}: {k} has shape {list(shapes[k])}, expected {list(shape)} for this config"
+            )
 
 
 class ReleaseSource:
@@ -141,7 +147,9 @@ class ReleaseSource:
             if config is not None and config != self.config:
                 raise ValueError(f"--config {config} disagrees with {path}/{CONFIG_NAME}: {self.config}")
         else:
-            raise FileNotFoundError(f"{path} is neither a release dit.pt file nor an HF directory ({CONFIG_NAME} + safetensors)")
+            raise FileNotFoundError(
+                f"{path} is neither a release dit.pt file nor an HF directory ({CONFIG_NAME} + safetensors)"
+            )
         check_release_shapes(self.shapes, self.config, path)
 
     def keys(self) -> list[str]:

@@ -13,6 +13,8 @@ import os
 import pickle
 import queue
 import socket
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,9 @@ from mugv.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def probe_batch(config: MUGDiTConfig, seed: int = 0, B: int = 2, T: int = 2, H: int = 4, W: int = 6, L: int = 8):
+def probe_batch(
+    config: MUGDiTConfig, seed: int = 0, B: int = 2, T: int = 2, H: int = 4, W: int = 6, L: int = 8
+):
     """A fixed-seed batch that exercises text padding, an I2V frame, fps and frame indices."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, L, dtype=torch.bool)
@@ -128,8 +132,8 @@ def _rank_main(fn, rank, world, port, args, results):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     try:
         results.put((rank, True, pickle.dumps(fn(rank, world, *args))))
-    except BaseException as err:  # reported to the parent, which raises
-        results.put((rank, False, f"{type(err).__name__}: {err}"))
+    except BaseException:  # reported to the parent, which raises
+        results.put((rank, False, traceback.format_exc()))
 
 
 def spawn_ranks(fn: Callable, world: int, *args, timeout: float = 3600.0) -> list:
@@ -137,27 +141,42 @@ def spawn_ranks(fn: Callable, world: int, *args, timeout: float = 3600.0) -> lis
     One process runs in the current one (with a free rendezvous port) when world == 1."""
     port = _free_port()
     if world == 1:
-        saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        saved = {
+            k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
         try:
             return [fn(0, 1, *args)]
         finally:
             for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(out) < world:
             try:
-                rank, ok, payload = results.get(timeout=timeout)
+                rank, ok, payload = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(f"verify: ranks did not finish within {timeout} s") from None
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"verify: rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"verify: ranks did not finish within {timeout} s") from None
+                continue
             if not ok:
-                raise RuntimeError(f"verify: rank {rank} failed: {payload}")
+                raise RuntimeError(f"verify: rank {rank} failed:\n{payload}")
             out[rank] = pickle.loads(payload)
     finally:
         for p in procs:

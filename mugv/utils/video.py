@@ -18,7 +18,9 @@ def write_video(path: str, frames, fps: float = 30.0, codec: str = "libx264", cr
 
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"write_video({path}): frames must be uint8 [T, H, W, 3], got {arr.dtype} {list(arr.shape)}")
+        raise ValueError(
+            f"write_video({path}): frames must be uint8 [T, H, W, 3], got {arr.dtype} {list(arr.shape)}"
+        )
     T, H, W, _ = arr.shape
     if T == 0 or H % 2 or W % 2:
         raise ValueError(f"write_video({path}): need >= 1 frame and even height/width, got {T} x {H} x {W}")
@@ -32,7 +34,9 @@ def write_video(path: str, frames, fps: float = 30.0, codec: str = "libx264", cr
         if codec == "libx264":
             stream.options = {"crf": str(crf)}
         for frame in arr:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"))
+            )
         container.mux(stream.encode())  # flush
     os.replace(tmp, path)
     return path
@@ -64,3 +68,25 @@ def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pixels must be [3, T, H, W], got {list(pixels.shape)}")
     x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).contiguous()
+
+
+def write_image(path: str, image) -> str:
+    """Write a uint8 [H, W, 3] RGB image as PNG."""
+    import av
+
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(
+            f"write_image({path}): image must be uint8 [H, W, 3], got {arr.dtype} {list(arr.shape)}"
+        )
+    with av.open(path, mode="w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = arr.shape[1], arr.shape[0], "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file (PNG, JPEG, ...; or a video's first frame) -> uint8 [H, W, 3] RGB."""
+    return read_video(path)[0]
