@@ -48,6 +48,7 @@ def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.d
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        bucket_size=cfg.parallel.bucket_size,
     )
     model = [
         DistributedDataParallel(config=mcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from mugv.models.megatron.checkpoint import load_into_chunks, model_sharded_state_dict
-from mugv.parallel.optim_state import load_optimizer_state_dict, prime_optimizer_state
+from mugv.parallel.optim_state import prime_optimizer_state
+from mugv.training import model_space
 from mugv.utils.checkpoint_io import write_json_atomic
 from mugv.utils.logging import get_logger
 
 log = get_logger("checkpoint")
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
 
@@ -106,8 +106,8 @@ class Checkpointer:
         state = dict(model_sd)
         if ema is not None:
             state.update(ema.sharded_state_dict(model_sd))
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIM_METADATA)
-        state["common"] = common
+        state.update(optimizer_sharded_state_dict(optimizer, model_sd))
+        state["common"] = {**common, "optimizer": optimizer_common_state(optimizer)}
         dist_checkpointing.save(state, tmp)
         _barrier()
         if _rank() == 0:
@@ -147,8 +147,7 @@ def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights:
     if ema is not None:
         template.update(ema.sharded_state_dict(model_sd, is_loading=True))
     if optimizer is not None:
-        prime_optimizer_state(optimizer)
-        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+        template.update(optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True))
     template["common"] = None
     loaded = dist_checkpointing.load(template, path)
     if use_ema_weights:
@@ -157,9 +156,48 @@ def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights:
         load_into_chunks(model, loaded)
     if ema is not None:
         ema.load(loaded, params_by_entry)
+    common = loaded.get("common") or {}
     if optimizer is not None:
-        load_optimizer_state_dict(optimizer, loaded["optimizer"])
-    return loaded.get("common") or {}
+        if "optimizer" not in common:
+            raise KeyError(f"{path}: no optimizer state (a weights-only checkpoint); load without the optimizer")
+        load_optimizer_state(optimizer, loaded, params_by_entry, common["optimizer"])
+    return common
+
+
+# -- optimizer state: fp32 main params and Adam moments in model space ----------------------------
+
+
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool = False) -> dict:
+    prime_optimizer_state(optimizer)  # torch Adam creates its moments lazily
+    slices = model_space.optimizer_slices(optimizer)
+    out = {}
+    for name in model_space.OPTIM_STATES:
+        tensors = None if is_loading else model_space.gather(model_sd, slices, lambda s, n=name: s.state[n])
+        out.update(model_space.sharded(model_sd, f"optim.{name}.", tensors))
+    return out
+
+
+def optimizer_common_state(optimizer) -> dict:
+    """Adam's update count (the same for every parameter; skipped steps do not count)."""
+    steps = [
+        int(st["step"]) for opt in model_space._optimizers(optimizer)
+        for st in getattr(opt, "optimizer", opt).state.values() if "step" in st
+    ]
+    return {"adam_step": max(steps, default=0)}
+
+
+def load_optimizer_state(optimizer, loaded: dict, params_by_entry: dict, common: dict) -> None:
+    prime_optimizer_state(optimizer)
+    slices = model_space.optimizer_slices(optimizer)
+    for name in model_space.OPTIM_STATES:
+        model_space.scatter(loaded, f"optim.{name}.", params_by_entry, slices, lambda s, v, n=name: s.state[n].copy_(v))
+    for opt in model_space._optimizers(optimizer):
+        for st in getattr(opt, "optimizer", opt).state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(common["adam_step"]))  # one tensor per parameter
+    for opt in model_space._optimizers(optimizer):
+        if hasattr(opt, "_copy_main_params_to_model_params"):
+            opt._copy_main_params_to_model_params()  # bf16 model weights from the loaded fp32 main copy
 
 
 def _fp32_like(st, prefix: str):

@@ -43,6 +43,7 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    bucket_size: int | None = None  # DDP gradient bucket size in elements (None: Megatron's default)
     bf16: bool = False  # bf16 params/compute with fp32 main params in the optimizer
     recompute: str | None = None  # None, "full" or "selective" (core attention)
 
