@@ -63,7 +63,13 @@ def build_demo_data(out_dir: str, cfg: DemoDataConfig | None = None) -> DemoData
 
     cfg = cfg or DemoDataConfig()
     media = write_demo_media(
-        os.path.join(out_dir, "media"), cfg.num_videos, cfg.num_images, cfg.frames, cfg.size, cfg.fps, cfg.seed
+        os.path.join(out_dir, "media"),
+        cfg.num_videos,
+        cfg.num_images,
+        cfg.frames,
+        cfg.size,
+        cfg.fps,
+        cfg.seed,
     )
     clips, images = load_prep_pixels(media.captions, cfg)
     ae = PCAAutoencoder.fit(clips + images, seed=cfg.seed)
@@ -75,7 +81,9 @@ def build_demo_data(out_dir: str, cfg: DemoDataConfig | None = None) -> DemoData
         psnr_video=_round_trip_psnr(ae, clips),
         psnr_image=_round_trip_psnr(ae, images),
     )
-    log.info(f"PCA autoencoder: round-trip PSNR {data.psnr_video:.2f} dB on clips, {data.psnr_image:.2f} dB on images")
+    log.info(
+        f"PCA autoencoder: round-trip PSNR {data.psnr_video:.2f} dB on clips, {data.psnr_image:.2f} dB on images"
+    )
     text = T5TextEncoder(data.t5, max_length=cfg.text_length, device="cpu")
     prep = PrepConfig(
         captions=media.captions,

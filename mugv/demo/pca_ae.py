@@ -74,7 +74,8 @@ class PCAAutoencoder(nn.Module):
         b, h, w, _ = first.shape
         k = groups.shape[1]
         f0 = first.reshape(b, h, w, 3, S, S).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 1, h * S, w * S)
-        rest = groups.reshape(b, k, h, w, 3, T, S, S).permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, 3, k, 8, h, 8, w, 8]
+        # [B, k, h, w, 3, 8, 8, 8] -> [B, 3, k, 8, h, 8, w, 8]
+        rest = groups.reshape(b, k, h, w, 3, T, S, S).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return torch.cat([f0, rest.reshape(b, 3, k * T, h * S, w * S)], dim=2)
 
     # -- the VAE interface -------------------------------------------------------------------
@@ -129,7 +130,12 @@ class PCAAutoencoder(nn.Module):
         for name, data in (("first", torch.cat(firsts)), ("group", torch.cat(groups))):
             mean, basis = _principal_axes(data, latent_channels, seed)
             coeff = (data - mean) @ basis  # [N, C]
-            params = {"mean": mean, "basis": basis, "shift": coeff.mean(0), "scale": coeff.std(0).clamp_min(1e-6)}
+            params = {
+                "mean": mean,
+                "basis": basis,
+                "shift": coeff.mean(0),
+                "scale": coeff.std(0).clamp_min(1e-6),
+            }
             for k, v in params.items():
                 getattr(model, f"{name}_{k}").copy_(v)
         return model.eval()
@@ -176,7 +182,9 @@ def load_pca_autoencoder(weights: str | None, spec: dict, device: torch.device, 
     return PCAAutoencoder.load(weights, device, dtype)
 
 
-def _principal_axes(data: torch.Tensor, k: int, seed: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def _principal_axes(
+    data: torch.Tensor, k: int, seed: int, iters: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [D], top-k principal axes [D, k]) of data [N, D], by block power iteration on the
     covariance from a seeded start (deterministic; far quicker than a full eigh at D = 1536)."""
     n, d = data.shape
