@@ -24,6 +24,7 @@ class Layout:
     overlap: bool = False
     microbatches: int = 1
     recompute: str | None = None
+    bf16: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -58,13 +59,14 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     merged over tensor parallelism."""
     from megatron.core import parallel_state
 
+    from mugv.models.megatron.checkpoint import unwrap
     from mugv.models.megatron.weight_map import chunk_mapping, merge
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
     out = {}
     for ddp in ddp_chunks:
-        chunk = ddp.module
+        chunk = unwrap(ddp)
         params = dict(chunk.named_parameters())
         for row in chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process):
             p = params[row.megatron]
@@ -75,11 +77,14 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     return out
 
 
-def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, batch, target):
+def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, batch, target, microbatches=None):
+    """microbatches: explicit list of (batch, target) micro-batches (DP = 1), e.g. of different
+    shapes; default: `batch` split over DP ranks and layout.microbatches."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
 
     from mugv.diffusion import flow_loss
     from mugv.models import MUGDiTConfig
@@ -100,12 +105,21 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         cp_attention=layout.cp_attention,
         pipeline_dtype=torch.float32,
         recompute_granularity=layout.recompute,
+        recompute_method="uniform" if layout.recompute == "full" else None,
+        recompute_num_layers=1 if layout.recompute == "full" else None,
+        variable_seq_lengths=microbatches is not None,
+        bf16=layout.bf16,
+        params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
         **layout.extra,
     )
+    if layout.bf16:
+        cfg.pipeline_dtype = torch.bfloat16
     chunks = build_model_chunks(cfg)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for c in chunks:
         c.load_state_dict(release_to_chunk(release_sd, c, tp_rank, layout.tp, dit.num_heads), strict=True)
+    if layout.bf16:
+        chunks = [Float16Module(cfg, c) for c in chunks]
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distopt,
         overlap_grad_reduce=layout.overlap, bucket_size=20000,
@@ -118,7 +132,7 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         OptimizerConfig(
             optimizer="adam", lr=ADAM["lr"], adam_beta1=ADAM["betas"][0], adam_beta2=ADAM["betas"][1],
             adam_eps=ADAM["eps"], weight_decay=ADAM["weight_decay"], use_distributed_optimizer=layout.distopt,
-            clip_grad=0.0, params_dtype=torch.float32,
+            clip_grad=0.0, params_dtype=cfg.params_dtype, bf16=layout.bf16,
         ),
         model,
     )
@@ -127,8 +141,11 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     opt.zero_grad()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
-    local = split_batch({**batch, "target": target}, dp)[dp_rank]
-    mbs = split_batch(local, layout.microbatches)
+    if microbatches is not None:
+        mbs = [{**b, "target": t} for b, t in microbatches]
+    else:
+        local = split_batch({**batch, "target": target}, dp)[dp_rank]
+        mbs = split_batch(local, layout.microbatches)
     outputs = []
 
     def forward_step(data_iterator, module):
@@ -145,29 +162,36 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
 
         return out, loss_func
 
-    T, H, W = batch["x"].shape[2:]
+    seq = max(padded_sequence_length(cfg, *mb["x"].shape[2:]) for mb in mbs)
     data = [iter(mbs) for _ in model] if len(model) > 1 else iter(mbs)
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=model if len(model) > 1 else model[0],
-        num_microbatches=layout.microbatches, seq_length=padded_sequence_length(cfg, T, H, W),
+        num_microbatches=len(mbs), seq_length=seq,
         micro_batch_size=mbs[0]["x"].shape[0], forward_only=False,
     )
     grads = to_release(model, "grad", layout.distopt, dit.num_heads)
     ok, grad_norm, _ = opt.step()
     assert ok, "optimizer step skipped"
     params = to_release(model, "data", layout.distopt, dit.num_heads)
-    return dict(outputs=torch.cat(outputs) if outputs else None, dp_rank=dp_rank, grads=grads, params=params)
+    outputs = (torch.cat(outputs) if microbatches is None else outputs) if outputs else None
+    return dict(outputs=outputs, dp_rank=dp_rank, grads=grads, params=params)
 
 
-def reference(model, batch, target):
-    """Single-process output, gradients and params after one Adam step (release layout)."""
+def reference(model, batch, target, microbatches=None):
+    """Single-process output, gradients and params after one Adam step (release layout).
+    With `microbatches` [(batch, target), ...] the loss is the mean of the micro-batch losses."""
     from mugv.diffusion import flow_loss
 
-    out = model(**batch)
-    loss = flow_loss(out, target, batch["x_mask"]).mean()
+    if microbatches is None:
+        out = model(**batch)
+        loss = flow_loss(out, target, batch["x_mask"]).mean()
+    else:
+        out = [model(**b) for b, _ in microbatches]
+        loss = sum(flow_loss(o, t, b["x_mask"]).mean() for o, (b, t) in zip(out, microbatches)) / len(out)
+        out = [o.detach() for o in out]
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), **ADAM)
     opt.step()
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
-    return out.detach(), grads, params
+    return (out.detach() if microbatches is None else out), grads, params

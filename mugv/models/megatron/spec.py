@@ -9,6 +9,8 @@ te:    Transformer Engine linears and LayerNorm (FP8-capable), for GPUs with TE 
 
 from __future__ import annotations
 
+import importlib.util
+
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -54,17 +56,17 @@ def get_layer_spec(backend: str = "local") -> ModuleSpec:
     if backend == "local":
         return _layer_spec(ColumnParallelLinear, RowParallelLinear, AffineLayerNorm)
     if backend == "te":
-        try:
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TENorm,
-                TERowParallelLinear,
-            )
-        except ImportError as err:
+        if importlib.util.find_spec("transformer_engine") is None:
             raise ImportError(
-                "backend 'te' needs Transformer Engine (pip install 'mugv[gpu]' on a CUDA machine); "
-                f"import failed: {err}"
-            ) from None
+                "backend 'te' needs Transformer Engine, which is not installed "
+                "(pip install 'mugv[gpu]' on a CUDA machine, or use parallel.backend=local)"
+            )
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
         return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TENorm)
     raise ValueError(f"unknown backend {backend!r}; expected 'local' or 'te'")
 
