@@ -1,0 +1,324 @@
+"""A curriculum: training stages run in order, each one torchrun of `mugv train`, each starting
+from the weights of the one before.
+
+File format (configs/curriculum/*.yaml, loaded as `CurriculumConfig`; unknown keys fail):
+
+    root: runs/mugv_10b            # run dirs are <root>/<stage name> (`--root` overrides)
+    overrides: [data.num_workers=4]  # applied to every stage
+    stages:
+      - name: a_image256           # [A-Za-z0-9_.-]+, unique
+        config: ../stages/10b_a_image256.yaml  # a complete TrainConfig YAML, relative to this file
+        nnodes: 8                  # nodes x processes per node (one process per GPU)
+        nproc: 8
+        overrides: [optim.lr=1e-4] # this stage only
+        init: none                 # previous | none | <checkpoint, run or checkpoints dir>
+        load_optimizer: false      # with init: also take the optimizer state
+        use_ema: false             # with init: start from the EMA weights
+
+A stage's config is resolved as: stage file <- curriculum `overrides` <- stage `overrides` <-
+command-line overrides <- what the curriculum sets (run_dir, train.init_from,
+train.init_load_optimizer, train.init_use_ema; giving these yourself is an error). Every stage
+is loaded and validated before anything starts. Other paths (init, data) are relative to the
+working directory, as in `mugv train`.
+
+Running: a stage whose run dir holds a complete checkpoint at train.steps is skipped; otherwise
+`python -m torch.distributed.run ... -m mugv.cli.main train <config> <overrides>` is started and
+the trainer resumes from the stage's own latest checkpoint, or else starts from `init` (for
+`previous`, the run dir of the stage before -- at any parallel layout). A stage that exits
+without reaching train.steps (a pre-emption signal or time budget: the trainer saved and exited
+cleanly) or that fails stops the curriculum; running it again continues where it stopped.
+
+Launch: on one machine torchrun runs `--standalone`. For several nodes, run the curriculum on
+every node (scripts/train_multi_node.sh, scripts/train_slurm.sbatch) with NNODES, NODE_RANK,
+MASTER_ADDR and MASTER_PORT set; each stage then uses c10d rendezvous at MASTER_ADDR:MASTER_PORT
+with rendezvous id = the stage name, and must ask for exactly NNODES nodes. Run dirs must be on
+a file system all nodes share. SIGTERM / SIGUSR1 received by the curriculum process are relayed
+to the training processes themselves (torchrun would give them only 30 s), so they finish the
+step, save and exit; no later stage is started after such a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mugv.config import ConfigError, load_config
+from mugv.training.config import TrainConfig
+from mugv.utils.logging import get_logger
+
+log = get_logger("curriculum")
+RESERVED = ("run_dir", "train.init_from", "train.init_load_optimizer", "train.init_use_ema")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_EMPTY = '""'  # an empty string in a dotlist override (a bare `key=` is null)
+_FS_SETTLE_S = 30.0  # multi-node: how long a finished stage's checkpoint may take to appear
+
+
+@dataclass
+class StageEntry:
+    name: str = ""
+    config: str = ""
+    nproc: int = 1  # processes per node
+    nnodes: int = 1
+    overrides: list[str] = field(default_factory=list)
+    init: str = "previous"
+    load_optimizer: bool = False
+    use_ema: bool = False
+
+
+@dataclass
+class CurriculumConfig:
+    root: str = "runs/curriculum"
+    overrides: list[str] = field(default_factory=list)
+    stages: list[StageEntry] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: the curriculum has no stages")
+        seen = set()
+        for i, s in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if not _NAME.match(s.name):
+                raise ValueError(f"{where}.name = {s.name!r} must be non-empty [A-Za-z0-9_.-]")
+            if s.name in seen:
+                raise ValueError(f"{where}.name = {s.name!r} is used twice")
+            seen.add(s.name)
+            if not s.config:
+                raise ValueError(f"{where} ({s.name}): config is missing")
+            if s.nproc < 1 or s.nnodes < 1:
+                raise ValueError(f"{where} ({s.name}): nproc and nnodes must be >= 1")
+            if i == 0 and s.init == "previous":
+                raise ValueError(f"{where} ({s.name}) is the first stage: init must be 'none' or a checkpoint path")
+            if s.init == "none" and (s.load_optimizer or s.use_ema):
+                raise ValueError(f"{where} ({s.name}): load_optimizer/use_ema need an init")
+
+
+@dataclass
+class Stage:
+    """One stage, resolved: its validated TrainConfig and how `mugv train` gets it."""
+
+    name: str
+    config_path: str
+    overrides: list[str]  # everything after the config file on the `mugv train` command line
+    cfg: TrainConfig
+    nnodes: int
+    nproc: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
+
+@dataclass
+class StageResult:
+    name: str
+    run_dir: str
+    status: str  # "skipped" (already complete), "completed", "interrupted", "failed", "planned" (dry run)
+    step: int | None  # step of the stage's latest complete checkpoint afterwards (None: none)
+    steps: int  # train.steps of the stage
+    returncode: int | None = None
+    command: list[str] = field(default_factory=list)
+    plan: str = ""  # dry run: layout and memory estimate (mugv.training.plan.describe)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """Where stages run: this machine alone, or one node of a multi-node job (from the env)."""
+
+    nnodes: int = 1
+    node_rank: str = "0"
+    endpoint: str = ""  # MASTER_ADDR:MASTER_PORT (multi-node only)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Launcher:
+        if "NNODES" not in env:
+            return cls()
+        missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise ConfigError(f"NNODES is set but {', '.join(missing)} is not (multi-node launch)")
+        return cls(int(env["NNODES"]), env["NODE_RANK"], f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
+
+    def command(self, stage: Stage) -> list[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run"]
+        if self.endpoint:
+            cmd += [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={stage.name}"]
+        else:
+            cmd += ["--standalone"]
+        return [*cmd, f"--nproc-per-node={stage.nproc}", "-m", "mugv.cli.main", "train",
+                stage.config_path, *stage.overrides]
+
+    def check(self, stage: Stage) -> None:
+        if stage.nnodes != self.nnodes:
+            how = (f"this job has NNODES={self.nnodes}" if self.endpoint else
+                   "this is a single-machine run (set NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT on every "
+                   "node, e.g. with scripts/train_multi_node.sh)")
+            raise ConfigError(f"stage {stage.name!r} asks for nnodes={stage.nnodes}, but {how}")
+
+
+def load_curriculum(path: str) -> CurriculumConfig:
+    """The curriculum file, validated, with stage config paths made absolute."""
+    cur = load_config(CurriculumConfig, path)
+    base = os.path.dirname(os.path.abspath(path))
+    for s in cur.stages:
+        s.config = os.path.normpath(os.path.join(base, s.config))
+    return cur
+
+
+def _reserved(overrides: Sequence[str], where: str) -> None:
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key in RESERVED:
+            raise ConfigError(f"{where}: override {o!r} sets {key}, which the curriculum sets "
+                              "(use --root and the stage's init/load_optimizer/use_ema)")
+
+
+def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] = ()) -> list[Stage]:
+    """Load and validate every stage's TrainConfig (fails before anything runs)."""
+    cur = load_curriculum(path)
+    root = root or cur.root
+    _reserved(cur.overrides, path)
+    _reserved(overrides, "command line")
+    stages: list[Stage] = []
+    for i, entry in enumerate(cur.stages):
+        _reserved(entry.overrides, f"{path}: stage {entry.name!r}")
+        init = "" if entry.init == "none" else (
+            os.path.join(root, cur.stages[i - 1].name) if entry.init == "previous" else entry.init)
+        ovr = [*cur.overrides, *entry.overrides, *overrides, f"run_dir={os.path.join(root, entry.name)}",
+               f"train.init_from={init or _EMPTY}", f"train.init_load_optimizer={str(entry.load_optimizer).lower()}",
+               f"train.init_use_ema={str(entry.use_ema).lower()}"]
+        try:
+            cfg = load_config(TrainConfig, entry.config, ovr)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: stage {entry.name!r}: {err}") from None
+        stages.append(Stage(entry.name, entry.config, ovr, cfg, entry.nnodes, entry.nproc))
+    return stages
+
+
+def checkpoint_step(run_dir: str) -> int | None:
+    """The step of the run's latest complete checkpoint (None when it has none)."""
+    from mugv.training.checkpointing import COMPLETE, latest_checkpoint
+
+    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if path is None:
+        return None
+    with open(os.path.join(path, COMPLETE)) as f:
+        return int(json.load(f)["step"])
+
+
+def run_curriculum(path: str, root: str | None = None, overrides: Sequence[str] = (),
+                   dry_run: bool = False, env: Mapping[str, str] | None = None) -> list[StageResult]:
+    """Run (or with dry_run, describe) the stages of a curriculum file in order; see the module
+    docstring. Returns one result per stage reached; the last is the one that stopped it, if any."""
+    env = dict(os.environ if env is None else env)
+    stages = resolve_stages(path, root, overrides)
+    launcher = Launcher.from_env(env)
+    relay = _SignalRelay()
+    results: list[StageResult] = []
+    for stage in stages:
+        run_dir, steps = stage.cfg.run_dir, stage.cfg.train.steps
+        step = checkpoint_step(run_dir)
+        cmd = launcher.command(stage)
+        if dry_run:
+            if stage.nnodes != launcher.nnodes:  # show the command each node would run
+                cmd = Launcher(stage.nnodes, "$NODE_RANK", "$MASTER_ADDR:$MASTER_PORT").command(stage)
+            from mugv.training.plan import describe
+
+            status = "complete" if step is not None and step >= steps else (
+                f"in progress at step {step}" if step is not None else "new")
+            summary = describe(stage.cfg, stage.world_size).split("\n---\n", 1)[-1]  # without the YAML dump
+            plan = f"stage {stage.name} ({status}, {run_dir}):\n  {' '.join(cmd)}\n{summary}"
+            results.append(StageResult(stage.name, run_dir, "planned", step, steps, command=cmd, plan=plan))
+            continue
+        if step is not None and step >= steps:
+            log.info(f"stage {stage.name}: complete at step {step} in {run_dir}; skipped")
+            results.append(StageResult(stage.name, run_dir, "skipped", step, steps))
+            continue
+        launcher.check(stage)
+        if not stage.cfg.data.paths:
+            raise ConfigError(f"stage {stage.name!r} has no data.paths (give data.paths=[...] as an override)")
+        what = f"resuming at step {step}" if step is not None else f"from {stage.cfg.train.init_from or 'scratch'}"
+        log.info(f"stage {stage.name}: {stage.world_size} processes, {what} -> {run_dir}")
+        rc = relay.run(cmd, env)
+        step = checkpoint_step(run_dir)
+        if rc == 0 and launcher.endpoint and (step is None or step < steps) and not relay.received:
+            step = _wait_for_step(run_dir, steps)
+        done = rc == 0 and step is not None and step >= steps
+        status = "completed" if done else ("failed" if rc != 0 else "interrupted")
+        results.append(StageResult(stage.name, run_dir, status, step, steps, rc, cmd))
+        log.info(f"stage {stage.name}: {status} (exit code {rc}, checkpoint step {step} of {steps})")
+        if not done or relay.received:
+            break
+    return results
+
+
+def _wait_for_step(run_dir: str, steps: int) -> int | None:
+    """Multi-node: another node's rank 0 may have published the final checkpoint on a shared file
+    system whose metadata this node sees late."""
+    deadline = time.monotonic() + _FS_SETTLE_S
+    step = checkpoint_step(run_dir)
+    while (step is None or step < steps) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        step = checkpoint_step(run_dir)
+    return step
+
+
+class _SignalRelay:
+    """Runs a launcher (torchrun) in its own session; SIGTERM / SIGUSR1 go to its children (the
+    training processes, which save and exit), SIGINT to the launcher (which stops them)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def _relay(self, signum, frame) -> None:
+        self.received = signum
+        if self._proc is not None:
+            for pid in _children(self._proc.pid) or [self._proc.pid]:
+                _kill(pid, signum)
+
+    def _interrupt(self, signum, frame) -> None:
+        self.received = signum
+        if self._proc is not None:
+            _kill(self._proc.pid, signal.SIGINT)
+
+    def run(self, cmd: list[str], env: Mapping[str, str]) -> int:
+        handlers = {signal.SIGTERM: self._relay, signal.SIGUSR1: self._relay, signal.SIGINT: self._interrupt}
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, h) for s, h in handlers.items()} if main else {}
+        try:
+            self._proc = subprocess.Popen(cmd, env=dict(env), start_new_session=True)
+            return self._proc.wait()
+        finally:
+            if self._proc is not None and self._proc.poll() is None:  # we are unwinding: stop it
+                _kill(self._proc.pid, signal.SIGINT)
+                self._proc.wait()
+            self._proc = None
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc); [] where that is not available."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return out
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
