@@ -86,11 +86,11 @@ class Checkpointer:
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
 
-    def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> bool:
+    def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> str | None:
+        """Save every `interval` steps (or when forced); returns the checkpoint path if saved."""
         if force or (self.interval > 0 and step % self.interval == 0):
-            self.save(step, model, optimizer, ema, common)
-            return True
-        return False
+            return self.save(step, model, optimizer, ema, common)
+        return None
 
     def save(self, step: int, model, optimizer, ema, common: dict) -> str:
         final = os.path.join(self.root, step_dir_name(step))

@@ -22,6 +22,7 @@ from mugv.training.ema import ShardedEMA
 from mugv.config import to_dict
 from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
 from mugv.training.metrics import MetricsLogger, dp_sum
+from mugv.training.preview import Previewer
 from mugv.training.schedule import LRSchedule
 from mugv.training.step import DiTForwardStep
 from mugv.utils.logging import get_logger
@@ -47,6 +48,7 @@ class Trainer:
         self.ckpt = Checkpointer(ckpt_root, cfg.checkpoint.interval, cfg.checkpoint.keep_last, self.dit.to_dict(), config_yaml)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
+        self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None)
         self.step = 0
         self.history: list[float] = []  # loss per step (last pipeline stage; 0 elsewhere)
         self.logged: list[dict | None] = []  # what the metrics logger logged (rank 0)
@@ -150,8 +152,11 @@ class Trainer:
             self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
             self.logged.append(self.metrics.maybe_log(self.step))
             stop = agree(self.signals.requested or self.budget.expired())
-            self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
-                                 force=stop or self.step == total)
+            preview = self.preview.due(self.step)
+            path = self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
+                                        force=stop or preview or self.step == total)
+            if preview:
+                self.preview.maybe_preview(self.step, path, self.metrics)
             if stop:
                 log.info(f"stopping at step {self.step} on request (signal or time budget); checkpoint saved")
                 break
