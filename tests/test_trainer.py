@@ -166,3 +166,16 @@ def test_preview_samples_written_during_training(tmp_path):
     run_distributed(train_worker, 1, ovr, timeout=300)
     latents = torch.load(run / "previews" / "step_00000002_latents.pt")
     assert latents.shape == (1, 24, 2, 4, 4) and torch.isfinite(latents).all()
+
+
+def test_async_save_publishes_and_resumes(tmp_path):
+    data = dataset(str(tmp_path))
+    run = str(tmp_path / "run")
+    ovr = ["checkpoint.async_save=true", "checkpoint.interval=2"]
+    (r,) = run_distributed(train_worker, 1, overrides(run, data, 4, *ovr), timeout=300)
+    ckpts = os.path.join(run, "checkpoints")
+    assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == ["step_00000002", "step_00000004"]
+    (r2,) = run_distributed(load_worker, 1, overrides(run, data, 5, *ovr), timeout=300)
+    assert r2["start"] == 4
+    for k, v in r["params"].items():
+        assert torch.equal(r2["loaded"][k], v), k

@@ -82,9 +82,24 @@ def _rank() -> int:
 
 
 class Checkpointer:
-    def __init__(self, root: str, interval: int, keep_last: int, model_config: dict, config_yaml: str):
+    """Saves every `interval` steps. With async_save the shards are staged to host memory and
+    written by a background process while training goes on; the checkpoint is published (renamed
+    and made `latest`) when every rank has finished -- checked each step by `maybe_finalize`."""
+
+    def __init__(self, root: str, interval: int, keep_last: int, model_config: dict, config_yaml: str,
+                 async_save: bool = False):
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
+        self.queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.queue = AsyncCallsQueue()
+
+    def maybe_finalize(self, blocking: bool = False) -> None:
+        """Publish finished asynchronous saves (collective: call on every rank)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
 
     def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> str | None:
         """Save every `interval` steps (or when forced); returns the checkpoint path if saved."""
@@ -95,6 +110,7 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, ema, common: dict) -> str:
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
+        self.maybe_finalize(blocking=True)  # one save in flight at a time
         if _rank() == 0:
             os.makedirs(self.root, exist_ok=True)
             for name in os.listdir(self.root):
@@ -108,7 +124,17 @@ class Checkpointer:
             state.update(ema.sharded_state_dict(model_sd))
         state.update(optimizer_sharded_state_dict(optimizer, model_sd))
         state["common"] = {**common, "optimizer": optimizer_common_state(optimizer)}
+        if self.queue is not None:
+            request = dist_checkpointing.save(state, tmp, async_sharded_save=True)
+            request.add_finalize_fn(lambda: self._publish(step, tmp, final))
+            self.queue.schedule_async_request(request)
+            return final
         dist_checkpointing.save(state, tmp)
+        self._publish(step, tmp, final)
+        return final
+
+    def _publish(self, step: int, tmp: str, final: str) -> None:
+        """Once every rank's shards are on disk: metadata, rename into place, point `latest` at it."""
         _barrier()
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, "model_config.json"), self.model_config)
@@ -124,7 +150,6 @@ class Checkpointer:
             self._prune()
             log.info(f"saved checkpoint {final}")
         _barrier()
-        return final
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

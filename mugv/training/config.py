@@ -96,7 +96,7 @@ class TrainSection:
 class CheckpointConfig:
     interval: int = 1000  # steps; 0 = only at the end / on signals
     keep_last: int = 3
-    async_save: bool = False  # GPU only
+    async_save: bool = False  # write shards in a background process while training continues
 
 
 @dataclass

@@ -45,7 +45,8 @@ class Trainer:
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
-        self.ckpt = Checkpointer(ckpt_root, cfg.checkpoint.interval, cfg.checkpoint.keep_last, self.dit.to_dict(), config_yaml)
+        self.ckpt = Checkpointer(ckpt_root, cfg.checkpoint.interval, cfg.checkpoint.keep_last, self.dit.to_dict(),
+                                 config_yaml, async_save=cfg.checkpoint.async_save)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
         self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None)
@@ -156,10 +157,13 @@ class Trainer:
             path = self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
                                         force=stop or preview or self.step == total)
             if preview:
+                self.ckpt.maybe_finalize(blocking=True)
                 self.preview.maybe_preview(self.step, path, self.metrics)
+            self.ckpt.maybe_finalize()
             if stop:
                 log.info(f"stopping at step {self.step} on request (signal or time budget); checkpoint saved")
                 break
+        self.ckpt.maybe_finalize(blocking=True)
         self.metrics.close()
         self.signals.uninstall()
         return 0
