@@ -145,6 +145,11 @@ class TrainConfig:
         self.data.validate()
         if self.train.steps < 0 or self.train.microbatches < 1:
             raise ValueError("train.steps must be >= 0 and train.microbatches >= 1")
+        if self.parallel.vpp and self.train.microbatches % self.parallel.pp:
+            raise ValueError(
+                f"train.microbatches ({self.train.microbatches}) must be a multiple of parallel.pp "
+                f"({self.parallel.pp}) with virtual pipeline stages (interleaved schedule)"
+            )
         if not 0.0 <= self.train.text_dropout < 1.0:
             raise ValueError(f"train.text_dropout = {self.train.text_dropout} is not in [0, 1)")
         if not 0.0 <= self.ema.decay < 1.0:

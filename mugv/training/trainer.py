@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
+from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.megatron import padded_sequence_length
 from mugv.parallel.runtime import init_distributed
@@ -19,7 +20,6 @@ from mugv.training.build import build_megatron_config, build_model, build_optimi
 from mugv.training.checkpointing import Checkpointer, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from mugv.training.config import TrainConfig
 from mugv.training.ema import ShardedEMA
-from mugv.config import to_dict
 from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
 from mugv.training.metrics import MetricsLogger, dp_sum
 from mugv.training.preview import Previewer
@@ -51,6 +51,7 @@ class Trainer:
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
         self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None)
         self.step = 0
+        self.resumed, self.resumed_metrics = False, None
         self.history: list[float] = []  # loss per step (last pipeline stage; 0 elsewhere)
         self.logged: list[dict | None] = []  # what the metrics logger logged (rank 0)
         if self.dist.rank == 0:
@@ -61,16 +62,25 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def common_state(self) -> dict:
-        return {"step": self.step, "data": self.data.state_dict(), "schedule": self.schedule.state_dict()}
+        return {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "guard": self.guard.state_dict(),
+            "metrics": self.metrics.state_dict(),
+        }
 
     def resume(self) -> None:
         """Continue this run from its latest complete checkpoint, else start from train.init_from."""
+        self.resumed = True
         path = latest_checkpoint(self.ckpt.root)
         if path:
             common = load_checkpoint(path, self.model, self.optimizer, self.ema)
             self.step = int(common["step"])
             self.data.load_state_dict(common["data"])
             self.schedule.load_state_dict(common["schedule"])
+            self.guard.load_state_dict(common["guard"])
+            self.resumed_metrics = common["metrics"]
             log.info(f"resumed from {path} at step {self.step}")
         elif self.cfg.train.init_from:
             t = self.cfg.train
@@ -134,8 +144,11 @@ class Trainer:
         )
 
     def run(self) -> int:
-        self.resume()
+        if not self.resumed:
+            self.resume()
         self.metrics = self.make_metrics()
+        if self.resumed_metrics:
+            self.metrics.load_state_dict(self.resumed_metrics)
         self.metrics.reset_timer()
         total, M = self.cfg.train.steps, self.cfg.train.microbatches
         data = iter(self.data)

@@ -98,5 +98,13 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
         rope_theta=dit.rope_theta,
         rope_max_hw=dit.rope_max_hw,
         rope_max_t=dit.rope_max_t,
-        **parallel,
+        **{**_vpp_p2p(parallel), **parallel},
     )
+
+
+def _vpp_p2p(parallel: dict) -> dict:
+    """Interleaved pipelines exchange with unbatched, overlapped p2p (Megatron-LM's choice with
+    virtual stages; batched p2p mixed up activations and gradients under gloo)."""
+    if parallel.get("virtual_pipeline_model_parallel_size"):
+        return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
+    return {}
