@@ -21,7 +21,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class DistributedRankError(RuntimeError):
@@ -114,7 +115,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 _check_alive(procs, out, results)
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(out))
-                    raise TimeoutError(f"run_distributed: ranks {missing} did not finish within {timeout}s")
+                    raise TimeoutError(f"run_distributed: ranks {missing} did not finish within {timeout}s") from None
                 continue
             if not ok:
                 raise DistributedRankError(f"rank {rank} of {world_size} failed:\n{payload}")

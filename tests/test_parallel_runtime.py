@@ -161,7 +161,7 @@ def assert_close_list(got, want, atol=1e-6, rtol=1e-5):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         for k in w:
-            torch.testing.assert_close(g[k], w[k], atol=atol, rtol=rtol, msg=lambda m: f"layer {i} {k}: {m}")
+            torch.testing.assert_close(g[k], w[k], atol=atol, rtol=rtol, msg=lambda m, i=i, k=k: f"layer {i} {k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mugv.models.layout import TokenLayout, apply_per_frame, frame_table
+from mugv.models.rope import apply_rope, rope_angles
 from mugv.utils.checkpoint_io import (
     load_release_state_dict,
     load_safetensors_dir,
@@ -22,8 +24,6 @@ from mugv.utils.checkpoint_io import (
     save_torch_atomic,
     write_json_atomic,
 )
-from mugv.models.layout import TokenLayout, apply_per_frame, frame_table
-from mugv.models.rope import apply_rope, rope_angles
 
 PATCH = (1, 2, 2)
 

@@ -47,7 +47,7 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
         "---",
         f"model: {cfg.model.preset}  C={C} depth={L} heads={dit.num_heads}  parameters={total:,}",
         f"layout: tp={p.tp} pp={p.pp}{f' (vpp={p.vpp})' if p.vpp else ''} cp={p.cp} "
-        f"dp={dp if dp else '(world_size/%d)' % mp}  sp={p.sequence_parallel and p.tp > 1} "
+        f"dp={dp if dp else f'(world_size/{mp})'}  sp={p.sequence_parallel and p.tp > 1} "
         f"backend={p.backend} bf16={p.bf16} recompute={p.recompute}",
         f"parameters per device (heaviest stage): {per_device:,}",
         f"memory estimate per device: weights {weights / gib:.1f} GiB, grads {grads / gib:.1f} GiB, "
