@@ -45,3 +45,10 @@ def test_parallel_config_validation():
         ParallelConfig(recompute="sometimes").validate()
     with pytest.raises(ValueError, match="vpp"):
         ParallelConfig(vpp=2, pp=1).validate()
+
+
+def test_fp8_needs_transformer_engine_backend():
+    with pytest.raises(ValueError, match="fp8"):
+        megatron_config(DIT, fp8="hybrid")
+    with pytest.raises(ValueError, match="fp8"):
+        ParallelConfig(fp8="hybrid").validate()

@@ -28,6 +28,7 @@ def build_megatron_config(cfg: TrainConfig, dit: MUGDiTConfig) -> MUGDiTTransfor
         cp_attention=p.cp_attention,
         backend=p.backend,
         bf16=p.bf16,
+        fp8=p.fp8,
         params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         recompute_granularity=p.recompute,

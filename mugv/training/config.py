@@ -46,6 +46,7 @@ class ParallelConfig:
     bucket_size: int | None = None  # DDP gradient bucket size in elements (None: Megatron's default)
     bf16: bool = False  # bf16 params/compute with fp32 main params in the optimizer
     recompute: str | None = None  # None, "full" or "selective" (core attention)
+    fp8: str | None = None  # Transformer Engine FP8 ("hybrid" or "e4m3"), backend "te" only
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -53,6 +54,10 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} must be >= 1")
         if self.recompute not in (None, "full", "selective"):
             raise ValueError(f"parallel.recompute must be null, 'full' or 'selective', got {self.recompute!r}")
+        if self.fp8 not in (None, "hybrid", "e4m3"):
+            raise ValueError(f"parallel.fp8 must be null, 'hybrid' or 'e4m3', got {self.fp8!r}")
+        if self.fp8 and self.backend != "te":
+            raise ValueError("parallel.fp8 needs parallel.backend=te")
         if self.vpp is not None and self.pp < 2:
             raise ValueError("parallel.vpp needs parallel.pp >= 2")
 

@@ -42,6 +42,8 @@ class MUGDiTTransformerConfig(TransformerConfig):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cp_attention not in CP_ATTENTION:
             raise ValueError(f"cp_attention must be one of {CP_ATTENTION}, got {self.cp_attention!r}")
+        if self.fp8 and self.backend != "te":
+            raise ValueError(f"fp8={self.fp8!r} needs backend 'te' (Transformer Engine linears)")
         if self.kv_channels % 6:
             raise ValueError(f"head dim {self.kv_channels} must be a multiple of 6 (3D RoPE)")
         tp, cp = self.tensor_model_parallel_size, self.context_parallel_size

@@ -9,9 +9,12 @@ parallel) or CP, split in contiguous chunks over CP and then over TP; see layout
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
@@ -147,12 +150,13 @@ class MUGDiTMegatron(MegatronModule):
         else:
             h = self.input_tensor
 
-        # 3. layers
+        # 3. layers (under Transformer Engine's FP8 autocast when config.fp8 is set)
         for layer in self.layers:
-            if cfg.recompute_granularity == "full" and torch.is_grad_enabled():
-                h = checkpoint(layer, h, ctx, use_reentrant=False)
-            else:
-                h = layer(h, ctx)
+            with get_fp8_context(cfg, layer.layer_number - 1) if cfg.fp8 else nullcontext():
+                if cfg.recompute_granularity == "full" and torch.is_grad_enabled():
+                    h = checkpoint(layer, h, ctx, use_reentrant=False)
+                else:
+                    h = layer(h, ctx)
         if not self.post_process:
             return h
 
