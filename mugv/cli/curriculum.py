@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("file", help="curriculum YAML (see configs/curriculum/)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides for every stage, e.g. data.num_workers=4")
     p.add_argument("--root", default=None, help="directory of the stage run dirs (default: the file's root)")
-    p.add_argument("--dry-run", action="store_true", help="print stages, commands and memory estimates; no training")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print stages, commands and memory estimates; no training"
+    )
     p.set_defaults(func=run)
 
 

@@ -94,8 +94,12 @@ class CurriculumConfig:
                 raise ValueError(f"{where} ({s.name}): config is missing")
             if s.nproc < 1 or s.nnodes < 1:
                 raise ValueError(f"{where} ({s.name}): nproc and nnodes must be >= 1")
+            if not s.init:
+                raise ValueError(f"{where} ({s.name}): init is empty (use 'none', 'previous' or a path)")
             if i == 0 and s.init == "previous":
-                raise ValueError(f"{where} ({s.name}) is the first stage: init must be 'none' or a checkpoint path")
+                raise ValueError(
+                    f"{where} ({s.name}) is the first stage: init must be 'none' or a checkpoint path"
+                )
             if s.init == "none" and (s.load_optimizer or s.use_ema):
                 raise ValueError(f"{where} ({s.name}): load_optimizer/use_ema need an init")
 
@@ -148,18 +152,33 @@ class Launcher:
     def command(self, stage: Stage) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run"]
         if self.endpoint:
-            cmd += [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={stage.name}"]
+            cmd += [
+                f"--nnodes={self.nnodes}",
+                f"--node-rank={self.node_rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.endpoint}",
+                f"--rdzv-id={stage.name}",
+            ]
         else:
             cmd += ["--standalone"]
-        return [*cmd, f"--nproc-per-node={stage.nproc}", "-m", "mugv.cli.main", "train",
-                stage.config_path, *stage.overrides]
+        return [
+            *cmd,
+            f"--nproc-per-node={stage.nproc}",
+            "-m",
+            "mugv.cli.main",
+            "train",
+            stage.config_path,
+            *stage.overrides,
+        ]
 
     def check(self, stage: Stage) -> None:
         if stage.nnodes != self.nnodes:
-            how = (f"this job has NNODES={self.nnodes}" if self.endpoint else
-                   "this is a single-machine run (set NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT on every "
-                   "node, e.g. with scripts/train_multi_node.sh)")
+            how = (
+                f"this job has NNODES={self.nnodes}"
+                if self.endpoint
+                else "this is a single-machine run (set NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT on every "
+                "node, e.g. with scripts/train_multi_node.sh)"
+            )
             raise ConfigError(f"stage {stage.name!r} asks for nnodes={stage.nnodes}, but {how}")
 
 
@@ -176,8 +195,10 @@ def _reserved(overrides: Sequence[str], where: str) -> None:
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if key in RESERVED:
-            raise ConfigError(f"{where}: override {o!r} sets {key}, which the curriculum sets "
-                              "(use --root and the stage's init/load_optimizer/use_ema)")
+            raise ConfigError(
+                f"{where}: override {o!r} sets {key}, which the curriculum sets "
+                "(use --root and the stage's init/load_optimizer/use_ema)"
+            )
 
 
 def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] = ()) -> list[Stage]:
@@ -189,11 +210,20 @@ def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] 
     stages: list[Stage] = []
     for i, entry in enumerate(cur.stages):
         _reserved(entry.overrides, f"{path}: stage {entry.name!r}")
-        init = "" if entry.init == "none" else (
-            os.path.join(root, cur.stages[i - 1].name) if entry.init == "previous" else entry.init)
-        ovr = [*cur.overrides, *entry.overrides, *overrides, f"run_dir={os.path.join(root, entry.name)}",
-               f"train.init_from={init or _EMPTY}", f"train.init_load_optimizer={str(entry.load_optimizer).lower()}",
-               f"train.init_use_ema={str(entry.use_ema).lower()}"]
+        init = (
+            ""
+            if entry.init == "none"
+            else (os.path.join(root, cur.stages[i - 1].name) if entry.init == "previous" else entry.init)
+        )
+        ovr = [
+            *cur.overrides,
+            *entry.overrides,
+            *overrides,
+            f"run_dir={os.path.join(root, entry.name)}",
+            f"train.init_from={init or _EMPTY}",
+            f"train.init_load_optimizer={str(entry.load_optimizer).lower()}",
+            f"train.init_use_ema={str(entry.use_ema).lower()}",
+        ]
         try:
             cfg = load_config(TrainConfig, entry.config, ovr)
         except ConfigError as err:
@@ -204,17 +234,25 @@ def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] 
 
 def checkpoint_step(run_dir: str) -> int | None:
     """The step of the run's latest complete checkpoint (None when it has none)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):  # (spares a new run's dry run the Megatron import)
+        return None
     from mugv.training.checkpointing import COMPLETE, latest_checkpoint
 
-    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    path = latest_checkpoint(root)
     if path is None:
         return None
     with open(os.path.join(path, COMPLETE)) as f:
         return int(json.load(f)["step"])
 
 
-def run_curriculum(path: str, root: str | None = None, overrides: Sequence[str] = (),
-                   dry_run: bool = False, env: Mapping[str, str] | None = None) -> list[StageResult]:
+def run_curriculum(
+    path: str,
+    root: str | None = None,
+    overrides: Sequence[str] = (),
+    dry_run: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> list[StageResult]:
     """Run (or with dry_run, describe) the stages of a curriculum file in order; see the module
     docstring. Returns one result per stage reached; the last is the one that stopped it, if any."""
     env = dict(os.environ if env is None else env)
@@ -231,8 +269,11 @@ def run_curriculum(path: str, root: str | None = None, overrides: Sequence[str] 
                 cmd = Launcher(stage.nnodes, "$NODE_RANK", "$MASTER_ADDR:$MASTER_PORT").command(stage)
             from mugv.training.plan import describe
 
-            status = "complete" if step is not None and step >= steps else (
-                f"in progress at step {step}" if step is not None else "new")
+            status = (
+                "complete"
+                if step is not None and step >= steps
+                else (f"in progress at step {step}" if step is not None else "new")
+            )
             summary = describe(stage.cfg, stage.world_size).split("\n---\n", 1)[-1]  # without the YAML dump
             plan = f"stage {stage.name} ({status}, {run_dir}):\n  {' '.join(cmd)}\n{summary}"
             results.append(StageResult(stage.name, run_dir, "planned", step, steps, command=cmd, plan=plan))
@@ -242,9 +283,18 @@ def run_curriculum(path: str, root: str | None = None, overrides: Sequence[str] 
             results.append(StageResult(stage.name, run_dir, "skipped", step, steps))
             continue
         launcher.check(stage)
+        init = stage.cfg.train.init_from
+        if step is None and init and not os.path.exists(init):
+            raise ConfigError(f"stage {stage.name!r}: init checkpoint {init} does not exist")
         if not stage.cfg.data.paths:
-            raise ConfigError(f"stage {stage.name!r} has no data.paths (give data.paths=[...] as an override)")
-        what = f"resuming at step {step}" if step is not None else f"from {stage.cfg.train.init_from or 'scratch'}"
+            raise ConfigError(
+                f"stage {stage.name!r} has no data.paths (give data.paths=[...] as an override)"
+            )
+        what = (
+            f"resuming at step {step}"
+            if step is not None
+            else f"from {stage.cfg.train.init_from or 'scratch'}"
+        )
         log.info(f"stage {stage.name}: {stage.world_size} processes, {what} -> {run_dir}")
         rc = relay.run(cmd, env)
         step = checkpoint_step(run_dir)

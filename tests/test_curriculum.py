@@ -1,0 +1,166 @@
+"""The curriculum runner: a two-stage tiny curriculum end to end on CPU (TP2 -> PP2 hand-over,
+skip on rerun), the multi-node launch command, and the pre-emption signal relay."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from mugv.config import ConfigError
+from mugv.training.curriculum import Launcher, _SignalRelay, resolve_stages, run_curriculum
+from mugv.utils.checkpoint_io import write_json_atomic
+from tests.trainer_utils import dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = os.path.join(REPO, "configs", "stages")
+
+
+def write_curriculum(tmp_path, stage2_overrides) -> str:
+    path = tmp_path / "cur.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        root: {tmp_path / "unused"}
+        overrides: [train.steps=3, checkpoint.interval=0, logging.interval=1]
+        stages:
+          - name: one
+            config: {STAGES}/demo_images.yaml
+            nproc: 2
+            init: none
+          - name: two
+            config: {STAGES}/demo_video.yaml
+            nproc: 2
+            overrides: {stage2_overrides}
+            init: previous
+        """)
+    )
+    return str(path)
+
+
+def test_two_stages_hand_over_weights_across_layouts_and_skip_when_done(tmp_path, capfd):
+    from mugv.convert import load_checkpoint_release
+
+    data = dataset(str(tmp_path))  # synthetic images + 2-frame clips, 32 text channels
+    # stage 2 at lr 0 keeps the weights it starts from: its final checkpoint shows its initial weights
+    cur = write_curriculum(tmp_path, "[optim.lr=0, optim.min_lr=0, optim.decay_steps=1]")
+    root, ovr = str(tmp_path / "runs"), [f"data.paths=[{data}]", "model.caption_channels=32"]
+    t0 = time.perf_counter()
+    results = run_curriculum(cur, root, ovr)
+    elapsed = time.perf_counter() - t0
+    assert [(r.name, r.status, r.step) for r in results] == [("one", "completed", 3), ("two", "completed", 3)]
+    out = capfd.readouterr().out
+    assert "world 2 = tp 2 x pp 1" in out and "world 2 = tp 1 x pp 2" in out
+    assert f"initialised from {os.path.join(root, 'one', 'checkpoints', 'step_00000003')}" in out
+
+    _, first = load_checkpoint_release(os.path.join(root, "one"))
+    _, second = load_checkpoint_release(os.path.join(root, "two"))
+    assert set(first) == set(second)
+    for k, v in first.items():
+        assert torch.equal(second[k], v), k
+
+    again = run_curriculum(cur, root, ovr)  # both complete: nothing is launched
+    assert [(r.status, r.returncode) for r in again] == [("skipped", None), ("skipped", None)]
+    print(f"two-stage curriculum: {elapsed:.1f} s")
+
+
+def test_stage_with_a_checkpoint_short_of_its_steps_is_resumed_not_skipped(tmp_path):
+    cur = write_curriculum(tmp_path, "[]")
+    stages = resolve_stages(cur, str(tmp_path / "runs"), ["data.paths=[x]"])
+    ckpts = os.path.join(stages[0].cfg.run_dir, "checkpoints")
+    os.makedirs(os.path.join(ckpts, "step_00000003"))
+    write_json_atomic(os.path.join(ckpts, "step_00000003", "complete.json"), {"step": 3})
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write("step_00000003")
+    plan = run_curriculum(cur, str(tmp_path / "runs"), ["data.paths=[x]"], dry_run=True)
+    assert "(complete," in plan[0].plan and "(new," in plan[1].plan
+    plan = run_curriculum(cur, str(tmp_path / "runs"), ["data.paths=[x]", "train.steps=5"], dry_run=True)
+    assert "(in progress at step 3," in plan[0].plan
+    assert f"train.init_from={os.path.join(str(tmp_path / 'runs'), 'one')}" in plan[1].command
+
+
+def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
+    cur = write_curriculum(tmp_path, "[]")
+    stage = resolve_stages(cur, str(tmp_path), ["data.paths=[x]"])[0]
+    launcher = Launcher.from_env(
+        {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "29501"}
+    )
+    cmd = launcher.command(stage)
+    i = cmd.index("torch.distributed.run")
+    assert cmd[i + 1 : i + 7] == [
+        "--nnodes=1",
+        "--node-rank=0",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=n0:29501",
+        "--rdzv-id=one",
+        "--nproc-per-node=2",
+    ]
+    launcher.check(stage)
+    with pytest.raises(ConfigError, match="nnodes=1, but this job has NNODES=4"):
+        Launcher.from_env({"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}).check(
+            stage
+        )
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        Launcher.from_env({"NNODES": "2", "NODE_RANK": "1", "MASTER_PORT": "1"})
+
+
+CHILD = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "launcher":  # like torchrun: its worker runs in a session of its own
+    sys.exit(subprocess.call([sys.executable, __file__, "worker", sys.argv[2]], start_new_session=True))
+signal.signal(signal.SIGUSR1, lambda s, f: (open(sys.argv[2] + ".got", "w").write("usr1"), sys.exit(0)))
+open(sys.argv[2] + ".ready", "w").close()
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def test_signal_relay_reaches_the_workers_not_the_launcher(tmp_path):
+    script, flag = tmp_path / "child.py", str(tmp_path / "flag")
+    script.write_text(CHILD)
+
+    def send_when_ready():
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag + ".ready") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=send_when_ready, daemon=True).start()
+    relay = _SignalRelay()
+    before = signal.getsignal(signal.SIGUSR1)
+    rc = relay.run([sys.executable, str(script), "launcher", flag], dict(os.environ))
+    assert rc == 0  # the worker saw SIGUSR1 and exited cleanly; the launcher was not signalled
+    assert open(flag + ".got").read() == "usr1"
+    assert relay.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_single_node_script_dry_run(tmp_path):
+    script = os.path.join(REPO, "scripts", "train_single_node.sh")
+    out = subprocess.run(
+        [
+            script,
+            os.path.join(REPO, "configs/curriculum/mugv_10b.yaml"),
+            "--dry-run",
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("memory estimate per device") == 5
+    assert "--nnodes=8 --node-rank=$NODE_RANK --rdzv-backend=c10d" in out.stdout
+    stage = subprocess.run(
+        [script, os.path.join(STAGES, "demo_images.yaml"), "--nproc", "2", "--dry-run", "optim.lr=5e-4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stage.returncode == 0, stage.stderr[-2000:]
+    assert "lr: 0.0005" in stage.stdout and "tp=2 pp=1 cp=1 dp=1" in stage.stdout
