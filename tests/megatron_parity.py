@@ -105,8 +105,6 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         cp_attention=layout.cp_attention,
         pipeline_dtype=torch.float32,
         recompute_granularity=layout.recompute,
-        recompute_method="uniform" if layout.recompute == "full" else None,
-        recompute_num_layers=1 if layout.recompute == "full" else None,
         variable_seq_lengths=microbatches is not None,
         bf16=layout.bf16,
         params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,

@@ -32,9 +32,6 @@ def build_megatron_config(cfg: TrainConfig, dit: MUGDiTConfig) -> MUGDiTTransfor
         params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         recompute_granularity=p.recompute,
-        # with "full", mugv checkpoints every layer; these only satisfy TransformerConfig's checks
-        recompute_method="uniform" if p.recompute == "full" else None,
-        recompute_num_layers=1 if p.recompute == "full" else None,
         variable_seq_lengths=p.pp > 1,  # buckets: micro-batches of different sequence lengths
     )
 

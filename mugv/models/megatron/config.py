@@ -100,13 +100,17 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
         rope_theta=dit.rope_theta,
         rope_max_hw=dit.rope_max_hw,
         rope_max_t=dit.rope_max_t,
-        **{**_vpp_p2p(parallel), **parallel},
+        **{**_derived_defaults(parallel), **parallel},
     )
 
 
-def _vpp_p2p(parallel: dict) -> dict:
-    """Interleaved pipelines exchange with unbatched, overlapped p2p (Megatron-LM's choice with
-    virtual stages; batched p2p mixed up activations and gradients under gloo)."""
+def _derived_defaults(parallel: dict) -> dict:
+    out = {}
     if parallel.get("virtual_pipeline_model_parallel_size"):
-        return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
-    return {}
+        # interleaved pipelines exchange with unbatched, overlapped p2p (Megatron-LM's choice with
+        # virtual stages; batched p2p mixed up activations and gradients under gloo)
+        out.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    if parallel.get("recompute_granularity") == "full":
+        # mugv checkpoints every layer; these only satisfy TransformerConfig's checks
+        out.update(recompute_method="uniform", recompute_num_layers=1)
+    return out
