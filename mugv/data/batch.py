@@ -34,7 +34,7 @@ import torch
 
 from mugv.data.buckets import num_tokens as _num_tokens
 
-_TENSOR_FIELDS = ("latents", "y", "mask", "x_mask", "fps", "frame_indices", "pixel_size")
+TENSOR_FIELDS = ("latents", "y", "mask", "x_mask", "fps", "frame_indices", "pixel_size")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class LatentBatch:
         return _num_tokens(t, h, w)
 
     def _map(self, fn) -> LatentBatch:
-        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in _TENSOR_FIELDS})
+        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in TENSOR_FIELDS})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

@@ -9,6 +9,11 @@ out smaller. If nothing of the bucket is readable, the batch becomes one sample 
 whole dataset (another bucket); only if that fails too does BadDataError stop the run.
 Counting and the bad-fraction limit live in mugv.data.loader (the main process), which sees
 every batch's `skipped` list.
+
+A batch's tensors live in two reused buffers (latents; text and the small fields) of the
+process's SegmentPool (mugv.data.shm_pool). In a worker that the loader gave `pool_flags`, they
+are shared memory and the worker returns a Parcel, which the loader unpacks; in the main process
+the batch is built directly.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from mugv.data.batch import LatentBatch
+from mugv.data.batch import TENSOR_FIELDS, LatentBatch
 from mugv.data.config import DataConfig
 from mugv.data.reader import TensorReader
 from mugv.data.sampler import BatchRequest
+from mugv.data.shm_pool import Segment, SegmentPool, carve, carved_nbytes, pack
 from mugv.data.store import SampleRecord
 from mugv.utils.logging import get_logger
 
@@ -40,6 +46,15 @@ class LatentDataset:
             by_bucket.setdefault(r.bucket, []).append(i)
         self.by_bucket = {k: np.array(v) for k, v in by_bucket.items()}
         self.known_bad: set[int] = set()  # per worker process
+        self.pool_flags: torch.Tensor | None = None  # set by the loader before its workers start
+        self._pool: SegmentPool | None = None  # made in the process that uses it
+
+    def set_pool_flags(self, flags: torch.Tensor | None) -> None:
+        """Before workers start: the shared [workers, slots] flags of their pools (or None)."""
+        self.pool_flags, self._pool = flags, None
+
+    def __getstate__(self):  # a pool never crosses process boundaries
+        return {**self.__dict__, "_pool": None}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -50,7 +65,7 @@ class LatentDataset:
         try:
             y, mask = self.reader.load_into(rec, out)
             # a sum is non-finite iff a value is (or the sum overflows, which latents never do)
-            if self.cfg.check_finite and not (torch.isfinite(out.sum()) and torch.isfinite(y.sum())):
+            if self.cfg.check_finite and not (_all_finite(out) and _all_finite(y)):
                 raise ValueError("non-finite values")
             return y, mask
         except Exception as err:  # noqa: BLE001 - any failure makes the sample bad, never the step
@@ -58,17 +73,37 @@ class LatentDataset:
             log.warning(f"bad sample {rec.id} ({rec.latent_file}): {type(err).__name__}: {err}")
             return None
 
-    @staticmethod
-    def _alloc(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """In a worker, allocated in shared memory so handing the batch over copies nothing."""
-        out = torch.empty(shape, dtype=dtype)
-        return out.share_memory_() if get_worker_info() is not None else out
+    def _pool_here(self) -> SegmentPool:
+        if self._pool is None:
+            info = get_worker_info()
+            if info is None:
+                self._pool = SegmentPool(8)
+            elif self.pool_flags is not None:
+                self._pool = SegmentPool(self.pool_flags.shape[1], self.pool_flags, info.id)
+            else:  # a worker of some other DataLoader: shared memory that is never reused
+                self._pool = SegmentPool(0, torch.zeros(1, 0, dtype=torch.uint8))
+        return self._pool
 
-    def _buffer(self, b: int, rec: SampleRecord) -> torch.Tensor:
-        return self._alloc(b, rec.channels, *rec.shape)  # [B, C, T, H, W]
+    def _alloc(
+        self, specs: list[tuple[tuple[int, ...], torch.dtype]], segs: list[Segment]
+    ) -> list[torch.Tensor]:
+        """Tensors of the given (shape, dtype) in one buffer of the pool (appended to `segs`)."""
+        pool = self._pool_here()
+        seg = pool.take(carved_nbytes(specs))
+        segs.append(seg)
+        return carve(seg.storage if pool.shared else pool.hand_out(seg), specs)
+
+    def _give_back(self, segs: list[Segment]) -> None:
+        for seg in segs:
+            self._pool.release(seg)
+        segs.clear()
+
+    def _buffer(self, b: int, rec: SampleRecord, segs: list[Segment]) -> torch.Tensor:
+        return self._alloc([((b, rec.channels, *rec.shape), torch.float32)], segs)[0]  # [B, C, T, H, W]
 
     def __getitem__(self, req: BatchRequest) -> LatentBatch:
-        latents = self._buffer(len(req.indices), self.records[req.indices[0]])
+        segs: list[Segment] = []
+        latents = self._buffer(len(req.indices), self.records[req.indices[0]], segs)
         loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)
         for i, task in zip(req.indices, req.tasks, strict=True):
             text = self._load_into(i, latents[len(loaded)]) if i not in self.known_bad else None
@@ -81,9 +116,13 @@ class LatentDataset:
             self._refill(req, latents, loaded, lost_tasks)
         bucket = req.bucket
         if not loaded:
-            latents, loaded = self._fallback(req)
+            self._give_back(segs)
+            latents, loaded = self._fallback(req, segs)
             bucket = self.records[loaded[0][0]].bucket
-        return self._collate(req, bucket, latents[: len(loaded)], loaded, skipped)
+        batch = self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs)
+        if self._pool.shared and self.pool_flags is not None:
+            return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
+        return batch
 
     def _refill(self, req: BatchRequest, latents: torch.Tensor, loaded: list, lost_tasks: list[str]) -> None:
         """Replace the lost samples by random others of the bucket (in place)."""
@@ -104,16 +143,18 @@ class LatentDataset:
                 f"{len(req.indices)} samples: no readable replacement found"
             )
 
-    def _fallback(self, req: BatchRequest) -> tuple[torch.Tensor, list]:
+    def _fallback(self, req: BatchRequest, segs: list[Segment]) -> tuple[torch.Tensor, list]:
         """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
         rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
         for _ in range(32):
             i = int(rng.integers(len(self.records)))
             if i in self.known_bad:
                 continue
-            latents = self._buffer(1, self.records[i])
+            latents = self._buffer(1, self.records[i], segs)
             text = self._load_into(i, latents[0])
-            if text is not None:
+            if text is None:
+                self._give_back(segs)
+            else:
                 log.warning(
                     f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
                     f"using one sample of bucket {self.records[i].bucket}"
@@ -125,30 +166,49 @@ class LatentDataset:
         )
 
     def _collate(
-        self, req: BatchRequest, bucket: str, latents: torch.Tensor, loaded: list, skipped: list[str]
+        self,
+        req: BatchRequest,
+        bucket: str,
+        latents: torch.Tensor,
+        loaded: list,
+        skipped: list[str],
+        segs: list[Segment],
     ):
         recs = [self.records[i] for i, _, _, _ in loaded]
         b, t = latents.shape[0], latents.shape[2]
         lengths = [min(y.shape[0], self.cfg.text_len or y.shape[0]) for _, _, y, _ in loaded]
         L = self.cfg.text_len or max(lengths)
-        y = self._alloc(b, 1, L, loaded[0][2].shape[1]).zero_()
-        mask = torch.zeros(b, L, dtype=torch.bool)
+        specs = [
+            ((b, 1, L, loaded[0][2].shape[1]), torch.float32),  # y
+            ((b, L), torch.bool),  # mask
+            ((b, t), torch.bool),  # x_mask
+            ((b,), torch.float32),  # fps
+            ((b, t + 2), torch.long),  # frame_indices
+            ((b, 2), torch.long),  # pixel_size
+        ]
+        y, mask, x_mask, fps, frame_indices, pixel_size = self._alloc(specs, segs)
+        # buffers are reused, so every value is written; numpy: single-threaded (see _all_finite)
+        yn, mn = y.numpy(), mask.numpy()
         for k, (_, _, yk, mk) in enumerate(loaded):
-            y[k, 0, : lengths[k]] = yk[: lengths[k]]
-            mask[k, : lengths[k]] = mk[: lengths[k]]
+            n = lengths[k]
+            yn[k, 0, :n], yn[k, 0, n:] = yk[:n].numpy(), 0
+            mn[k, :n], mn[k, n:] = mk[:n].numpy(), False
         tasks = [task for _, task, _, _ in loaded]
-        x_mask = torch.ones(b, t, dtype=torch.bool)
+        x_mask.fill_(True)
         for k, task in enumerate(tasks):
             if task == "i2v":
                 x_mask[k, 0] = False  # the reference frame stays clean
+        fps.copy_(torch.tensor([r.fps for r in recs], dtype=torch.float32))
+        frame_indices.copy_(torch.arange(t + 2, dtype=torch.long).expand(b, t + 2))
+        pixel_size.copy_(torch.tensor([[r.height, r.width] for r in recs], dtype=torch.long))
         return LatentBatch(
             latents=latents,
             y=y,
             mask=mask,
             x_mask=x_mask,
-            fps=torch.tensor([r.fps for r in recs], dtype=torch.float32),
-            frame_indices=torch.arange(t + 2, dtype=torch.long).expand(b, t + 2).clone(),
-            pixel_size=torch.tensor([[r.height, r.width] for r in recs], dtype=torch.long),
+            fps=fps,
+            frame_indices=frame_indices,
+            pixel_size=pixel_size,
             tasks=tasks,
             bucket=bucket,
             ids=[r.id for r in recs],
@@ -156,3 +216,12 @@ class LatentDataset:
             planned=len(req.indices),
             stream_index=req.stream_index,
         )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass: a sum is non-finite iff a value is (or the sum
+    overflows, which latents and text features never do). Single-threaded: on a few busy cores
+    torch's parallel reduction waits on its other threads far longer than the pass takes."""
+    if torch.get_num_threads() == 1:
+        return bool(torch.isfinite(t.sum()))
+    return bool(np.isfinite(np.sum(t.numpy())))

@@ -9,6 +9,10 @@
 
 Bad samples (see mugv.data.dataset) are counted here; past `max_bad_fraction` of the attempted
 samples (once `bad_grace_samples` were attempted) the run stops with BadDataError.
+
+Batches live in reused buffers (mugv.data.shm_pool; with workers, shared memory): a buffer is
+reused only once no tensor of the batch built on it is referenced, so batches may be kept as
+long as needed. With pin_memory (and CUDA present) each batch is copied to pinned memory here.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mugv.data.batch import LatentBatch
 from mugv.data.config import DataConfig
 from mugv.data.dataset import BadDataError, LatentDataset
 from mugv.data.sampler import BucketBatchSampler
+from mugv.data.shm_pool import Parcel, Receiver, new_flags
 from mugv.data.store import SampleRecord, read_records, read_text_null
 from mugv.utils.logging import get_logger
 
@@ -63,6 +68,7 @@ class LatentLoader:
         self.bad_samples = len(index_errors)
         self.attempted = len(index_errors)
         self.text_embeddings = self._text_embeddings()
+        self.receiver: Receiver | None = None
 
     def _text_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Dataset-level {"null": (y [L, Ct], mask [L]), "negative": ...} of the first path that has them."""
@@ -75,19 +81,26 @@ class LatentLoader:
 
     def __iter__(self):
         self.sampler.start = self.sampler.consumed
-        kwargs = {}
+        kwargs, flags = {}, None
         if self.cfg.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+            # two segments per batch: the worker's prefetched batches plus a few held by the consumer
+            flags = new_flags(self.cfg.num_workers, 2 * (self.cfg.prefetch_factor + 3))
+        self.dataset.set_pool_flags(flags)
+        self.receiver = receiver = Receiver(flags)  # its counts show how often buffers were reused
+        pin = self.cfg.pin_memory and torch.cuda.is_available()
         dl = DataLoader(
             self.dataset,
             batch_size=None,
             sampler=self.sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=_as_is,
-            pin_memory=self.cfg.pin_memory,
             **kwargs,
         )
-        for batch in dl:
+        for item in dl:
+            batch = receiver.unpack(item) if isinstance(item, Parcel) else item
+            if pin:
+                batch = batch.pin_memory()
             self._account(batch)
             self.sampler.mark_consumed(batch.stream_index)
             yield batch
