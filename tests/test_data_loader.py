@@ -93,10 +93,11 @@ def _damage(root):
     return {r["id"] for r in rows if os.path.join(root, r["file"]) in (gone, cut)}
 
 
-def test_bad_files_are_skipped_and_counted(ds):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_are_skipped_and_counted(ds, workers):
     bad = _damage(ds)
     assert len(bad) >= 2
-    loader = LatentLoader(cfg_for(ds, max_bad_fraction=0.9))
+    loader = LatentLoader(cfg_for(ds, max_bad_fraction=0.9, num_workers=workers))
     skipped, got = [], []
     for batch in itertools.islice(iter(loader), loader.epoch_batches):
         skipped += batch.skipped
