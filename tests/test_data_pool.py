@@ -21,8 +21,11 @@ def ds(tmp_path_factory):
     return root
 
 
-def loader_for(root, workers):
-    cfg = DataConfig(paths=[root], token_budget=40, max_batch_size=3, num_workers=workers, text_len=7, seed=1)
+def loader_for(root, workers, pooled=64):
+    cfg = DataConfig(
+        paths=[root], token_budget=40, max_batch_size=3, num_workers=workers, text_len=7, seed=1,
+        pooled_batches=pooled,
+    )  # fmt: skip
     return LatentLoader(cfg)
 
 
@@ -106,9 +109,10 @@ def test_parcel_ships_a_segment_once_and_frees_it_when_dropped():
         recv.unpack(stale)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_held_batches_stay_intact_while_buffers_are_reused(ds, workers):
-    loader = loader_for(ds, workers)
+@pytest.mark.parametrize("workers,pooled", [(0, 2), (2, 2), (2, 64), (2, 0)])
+def test_held_batches_stay_intact_while_buffers_are_reused(ds, workers, pooled):
+    """Small pools run out (fresh buffers then), large ones do not; 0 reuses nothing."""
+    loader = loader_for(ds, workers, pooled)
     held, views = [], []
     for n, batch in enumerate(itertools.islice(iter(loader), 40)):
         assert seen(batch) == expect(batch)
@@ -134,7 +138,7 @@ def test_buffers_are_reused_once_batches_are_dropped(ds, workers):
         assert loader.receiver.shipped <= 2 * 10 and loader.receiver.reused >= 80 - 2 * 10
     else:
         pool = loader.dataset._pool
-        assert pool.created <= len(pool.storages) and pool.unpooled == 0
+        assert pool.created <= 4 and pool.unpooled == 0  # this batch and the one before
 
 
 def test_batches_outlive_their_loader(ds):

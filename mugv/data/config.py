@@ -58,8 +58,14 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop the run past this fraction of bad samples ...
     bad_grace_samples: int = 200  # ... once at least this many samples were attempted
     open_files: int = 8  # shard files kept open per worker
+    # batches per worker (or in the main process) whose buffers are kept and reused once the
+    # consumer drops them; should cover the batches the consumer holds at once (e.g. 2 steps of
+    # micro-batches) plus prefetch_factor. Memory is only taken as needed. 0: fresh per batch.
+    pooled_batches: int = 64
 
     def validate(self) -> None:
+        if self.pooled_batches < 0:
+            raise ValueError(f"pooled_batches = {self.pooled_batches} is negative")
         if self.token_budget <= 0 or self.max_batch_size <= 0:
             raise ValueError("token_budget and max_batch_size must be positive")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

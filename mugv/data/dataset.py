@@ -26,7 +26,7 @@ from mugv.data.batch import TENSOR_FIELDS, LatentBatch
 from mugv.data.config import DataConfig
 from mugv.data.reader import TensorReader
 from mugv.data.sampler import BatchRequest
-from mugv.data.shm_pool import Segment, SegmentPool, carve, carved_nbytes, pack
+from mugv.data.shm_pool import Parcel, Segment, SegmentPool, carve, carved_nbytes, pack
 from mugv.data.store import SampleRecord
 from mugv.utils.logging import get_logger
 
@@ -77,7 +77,7 @@ class LatentDataset:
         if self._pool is None:
             info = get_worker_info()
             if info is None:
-                self._pool = SegmentPool(8)
+                self._pool = SegmentPool(2 * self.cfg.pooled_batches)  # 2 segments a batch
             elif self.pool_flags is not None:
                 self._pool = SegmentPool(self.pool_flags.shape[1], self.pool_flags, info.id)
             else:  # a worker of some other DataLoader: shared memory that is never reused
@@ -101,7 +101,7 @@ class LatentDataset:
     def _buffer(self, b: int, rec: SampleRecord, segs: list[Segment]) -> torch.Tensor:
         return self._alloc([((b, rec.channels, *rec.shape), torch.float32)], segs)[0]  # [B, C, T, H, W]
 
-    def __getitem__(self, req: BatchRequest) -> LatentBatch:
+    def __getitem__(self, req: BatchRequest) -> LatentBatch | Parcel:
         segs: list[Segment] = []
         latents = self._buffer(len(req.indices), self.records[req.indices[0]], segs)
         loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)

@@ -84,8 +84,7 @@ class LatentLoader:
         kwargs, flags = {}, None
         if self.cfg.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-            # two segments per batch: the worker's prefetched batches plus a few held by the consumer
-            flags = new_flags(self.cfg.num_workers, 2 * (self.cfg.prefetch_factor + 3))
+            flags = new_flags(self.cfg.num_workers, 2 * self.cfg.pooled_batches)  # 2 segments a batch
         self.dataset.set_pool_flags(flags)
         self.receiver = receiver = Receiver(flags)  # its counts show how often buffers were reused
         pin = self.cfg.pin_memory and torch.cuda.is_available()
