@@ -23,8 +23,9 @@ COLOURS = {
     "blue": (50, 90, 230),
     "yellow": (235, 215, 40),
 }
-BACKGROUNDS = {"black": (0, 0, 0), "white": (245, 245, 245)}
+BACKGROUNDS = {"black": (0, 0, 0)}
 SHAPES = ("circle", "square")
+JITTER_R, JITTER_O = (0.19, 0.22), (0.45, 0.55)
 # direction -> unit motion (dx, dy) in image coordinates (y down)
 DIRECTIONS = {
     "left to right": (1, 0),
@@ -48,8 +49,14 @@ class ShapeClip:
         return f"a {self.colour} {self.shape}{motion} on a {self.background} background"
 
 
-def random_clips(count: int, seed: int) -> list[ShapeClip]:
-    """`count` clip descriptions, the same for the same seed."""
+def random_clips(
+    count: int,
+    seed: int,
+    radius: tuple[float, float] = (0.11, 0.17),
+    offset: tuple[float, float] = (0.2, 0.8),
+) -> list[ShapeClip]:
+    """`count` clip descriptions, the same for the same seed; radius (fraction of the frame) and
+    offset (across the motion) are uniform in the given ranges."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
@@ -59,8 +66,8 @@ def random_clips(count: int, seed: int) -> list[ShapeClip]:
                 colour=list(COLOURS)[rng.integers(len(COLOURS))],
                 background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
                 direction=list(DIRECTIONS)[rng.integers(len(DIRECTIONS))],
-                radius=float(rng.uniform(0.11, 0.17)),
-                offset=float(rng.uniform(0.2, 0.8)),
+                radius=float(rng.uniform(*radius)),
+                offset=float(rng.uniform(*offset)),
             )
         )
     return out
@@ -113,7 +120,7 @@ def write_demo_media(
         raise ValueError(f"frames = {frames}: demo clips need 8k+1 frames with k >= 1 (9, 17, ...)")
     if size < 16 or size % 16:
         raise ValueError(f"size = {size}: must be a positive multiple of 16 pixels")
-    specs = random_clips(num_videos + num_images, seed)
+    specs = random_clips(num_videos + num_images, seed, JITTER_R, JITTER_O)
     media = DemoMedia(os.path.join(out_dir, "captions.csv"), [], [])
     for sub in ("videos", "images"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
