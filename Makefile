@@ -19,7 +19,7 @@ lint: setup
 	$(BIN)/ruff check mugv tests tools scripts
 
 demo: setup
-	$(BIN)/mugv demo --out runs/demo
+	$(BIN)/mugv demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) runs
