@@ -31,7 +31,7 @@ REPO_CURRICULUM = os.path.join(
 )
 PROMPTS = (
     "a red circle moving left to right on a black background",
-    "a blue square moving top to bottom on a white background",
+    "a blue square moving top to bottom on a black background",
 )
 
 
