@@ -168,6 +168,7 @@ def sample_latents(
     fps: float = 30.0,
     latent_channels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    shift_ratio: float = 0.0,
 ) -> torch.Tensor:
     """Denoised latents [B, C, T, h, w] (fp32) for `prompts`. `text_encoder.encode(list) -> (y, mask)`.
     cond_latent [B or 1, C, 1, h, w]: I2V first-frame latent. The noise is drawn on the CPU from
@@ -188,7 +189,7 @@ def sample_latents(
     noise = torch.randn(B, C, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     if cond_latent is not None:
         cond_latent = cond_latent.to(device, torch.float32).expand(B, -1, -1, -1, -1)
-    cfg = SamplerConfig(num_steps=steps, guidance_scale=guidance, fps=fps)
+    cfg = SamplerConfig(num_steps=steps, guidance_scale=guidance, fps=fps, shift_ratio=shift_ratio)
     return euler_sample(
         model, noise, y.to(device), mask.to(device), y_neg, mask_neg, cfg, cond_latent, progress
     )
@@ -211,6 +212,7 @@ def generate(
     fps: float = 30.0,
     latent_shape: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    shift_ratio: float = 0.0,
 ) -> torch.Tensor:
     """Videos [B, 3, F, H, W] in [-1, 1] (fp32, CPU) for `prompts`.
 
@@ -224,7 +226,7 @@ def generate(
         cond = autoencoder.encode(pixels[None, :, None].to(ae_device, ae_dtype)).float()  # [1, C, 1, h, w]
     latents = sample_latents(
         model, text_encoder, prompts, latent_shape, negative_prompt, steps, guidance, seed, cond, fps,
-        progress=progress,
+        progress=progress, shift_ratio=shift_ratio,
     )  # fmt: skip
     video = autoencoder.decode(latents.to(ae_device, ae_dtype))
     return video.float().clamp(-1, 1).cpu()

@@ -37,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--shift-ratio", type=float, default=0.0,
+                   help="timestep shift ratio; 0 = from the output size (SPEC); use the training run's train.shift_ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=30.0, help="fps conditioning and of the written mp4")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -70,7 +72,7 @@ def run(args) -> int:
     video = generate(
         model, text, vae, [args.prompt + args.prompt_suffix], negative_prompt=args.negative_prompt,
         num_frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, image=args.image, fps=args.fps,
+        guidance=args.guidance, seed=args.seed, image=args.image, fps=args.fps, shift_ratio=args.shift_ratio,
         progress=lambda i, n: log.info("step %d/%d", i, n),
     )  # fmt: skip
     write_video(args.out, to_uint8_frames(video[0]), fps=args.fps)

@@ -18,6 +18,7 @@ class SamplerConfig:
     num_steps: int = 25
     guidance_scale: float = 4.0
     fps: float = 30.0
+    shift_ratio: float = 0.0  # 0: the resolution/duration shift of the latent's size (SPEC); > 0: this ratio
 
     def validate(self) -> None:
         if self.num_steps < 1:
@@ -70,7 +71,7 @@ def euler_sample(
         y_all, mask_all = torch.cat([yc, yn]), torch.cat([mc, mn])
     fps = torch.full((B,), cfg.fps, device=device)
     frame_indices = torch.arange(T + 2, device=device).expand(B, -1)
-    ts = sampling_schedule(cfg.num_steps, dims_ratio(noise.shape))
+    ts = sampling_schedule(cfg.num_steps, cfg.shift_ratio or dims_ratio(noise.shape))
     for i in range(cfg.num_steps):
         t = torch.full((B,), ts[i], device=device)
         if use_cfg:

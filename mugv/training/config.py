@@ -90,6 +90,10 @@ class TrainSection:
     microbatches: int = 1  # micro-batches per DP rank per step (gradient accumulation)
     seed: int = 1234
     text_dropout: float = 0.1  # per-sample probability of the null text (classifier-free guidance)
+    # timestep shift: 0 = SPEC's resolution/duration ratio from each sample's own size; > 0 = this
+    # fixed ratio (e.g. 1 = no shift: below 512 px the size-based ratio is < 1 and rarely trains
+    # at high noise, which is where tiny experiments learn layout). Sample with the same value.
+    shift_ratio: float = 0.0
     max_nonfinite_in_row: int = 5  # stop after this many consecutive non-finite steps
     time_budget_minutes: float = 0.0  # save and exit cleanly after this wall time (0 = none)
     init_from: str = ""  # checkpoint to start from when the run has none (stage hand-over)

@@ -18,8 +18,8 @@ log = get_logger("preview")
 
 
 class Previewer:
-    def __init__(self, cfg: PreviewConfig, run_dir: str, use_ema: bool):
-        self.cfg, self.use_ema = cfg, use_ema
+    def __init__(self, cfg: PreviewConfig, run_dir: str, use_ema: bool, shift_ratio: float = 0.0):
+        self.cfg, self.use_ema, self.shift_ratio = cfg, use_ema, shift_ratio
         self.out_dir = os.path.join(run_dir, "previews")
         self.enabled = cfg.interval > 0 and bool(cfg.prompts)
         if cfg.interval > 0 and not cfg.prompts:
@@ -52,7 +52,8 @@ class Previewer:
         os.makedirs(self.out_dir, exist_ok=True)
         T, h, w = c.latent_shape
         common = dict(negative_prompt="", steps=c.sampler.num_steps, guidance=c.sampler.guidance_scale,
-                      seed=step, fps=c.sampler.fps, latent_shape=(T, h, w))
+                      seed=step, fps=c.sampler.fps, latent_shape=(T, h, w),
+                      shift_ratio=c.sampler.shift_ratio or self.shift_ratio)
         base = os.path.join(self.out_dir, f"step_{step:08d}")
         if not c.autoencoder:
             latents = sample_latents(model, text, c.prompts, **common)

@@ -25,10 +25,12 @@ def microbatch_generator(seed: int, stream_index: int, device) -> torch.Generato
 class DiTForwardStep:
     """Megatron forward_step_func: (data_iterator, model) -> (output, loss_func)."""
 
-    def __init__(self, seed: int, text_dropout: float, null_text: tuple[torch.Tensor, torch.Tensor] | None):
+    def __init__(self, seed: int, text_dropout: float, null_text: tuple[torch.Tensor, torch.Tensor] | None,
+                 shift_ratio: float = 0.0):
         if text_dropout > 0 and null_text is None:
             raise ValueError("train.text_dropout > 0 needs the dataset's null text embedding (text_null)")
         self.seed, self.text_dropout, self.null_text = seed, text_dropout, null_text
+        self.shift_ratio = shift_ratio  # 0: from each sample's pixel size and latent frame count
 
     def noised_inputs(self, batch: LatentBatch) -> tuple[dict, torch.Tensor]:
         """Model inputs and the velocity target of one micro-batch."""
@@ -36,7 +38,10 @@ class DiTForwardStep:
         dev = x0.device
         g = microbatch_generator(self.seed, batch.stream_index, dev)
         H_px, W_px = batch.pixel_size[:, 0], batch.pixel_size[:, 1]
-        t = sample_timesteps(shift_ratio(H_px.cpu(), W_px.cpu(), x0.shape[2]).to(dev), g)
+        ratio = shift_ratio(H_px.cpu(), W_px.cpu(), x0.shape[2])
+        if self.shift_ratio > 0:
+            ratio = torch.full_like(ratio, self.shift_ratio)
+        t = sample_timesteps(ratio.to(dev), g)
         eps = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
         y, mask = batch.y, batch.mask
         if self.text_dropout > 0:

@@ -41,7 +41,8 @@ class Trainer:
         self.ema = ShardedEMA(self.optimizer, cfg.ema.decay) if cfg.ema.decay > 0 else None
         dp_rank = parallel_state.get_data_parallel_rank()
         self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size())
-        self.forward_step = DiTForwardStep(cfg.train.seed, cfg.train.text_dropout, self.data.text_embeddings.get("null"))
+        self.forward_step = DiTForwardStep(cfg.train.seed, cfg.train.text_dropout, self.data.text_embeddings.get("null"),
+                                           cfg.train.shift_ratio)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
@@ -49,7 +50,8 @@ class Trainer:
                                  config_yaml, async_save=cfg.checkpoint.async_save)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
-        self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None)
+        self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None,
+                                 shift_ratio=cfg.train.shift_ratio)
         self.step = 0
         self.resumed, self.resumed_metrics = False, None
         self.history: list[float] = []  # loss per step (last pipeline stage; 0 elsewhere)
