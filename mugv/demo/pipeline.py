@@ -41,8 +41,8 @@ class DemoPlan:
     """The sizes of a demo run (the full run by default; `fast()` for tests)."""
 
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
-    image_steps: int = 800
-    video_steps: int = 600
+    image_steps: int = 480
+    video_steps: int = 420
     # model.* overrides: the preset's 72 channels are fewer than a token's 96 latent values
     model: tuple[str, ...] = ("model.hidden_size=192", "model.depth=4", "model.num_heads=4")
     log_interval: int = 10
