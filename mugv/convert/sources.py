@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from mugv.models.mugdit import CONFIG_NAME, MUGDiT, MUGDiTConfig, load_pretrained_config
+from mugv.models.mugdit import CONFIG_NAME, MUGDiT, MUGDiTConfig, load_pretrained_config, read_config_json
 from mugv.utils.checkpoint_io import SAFE_INDEX, SAFE_SINGLE, load_release_state_dict
 
 MODEL_CONFIG = "model_config.json"  # MUGDiTConfig.to_dict() next to a Megatron checkpoint
@@ -70,14 +70,7 @@ def parse_config_arg(value: str) -> MUGDiTConfig:
     """A preset name (e.g. mugdit_10b) or a JSON file of MUGDiTConfig fields (an HF config.json
     with model_type "mugdit" is accepted too)."""
     if os.path.isfile(value):
-        with open(value) as f:
-            d = json.load(f)
-        if d.pop("model_type", "mugdit") != "mugdit":
-            raise ValueError(f"{value}: model_type is not 'mugdit'")
-        try:
-            return MUGDiTConfig.from_dict(d)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{value}: {err}") from None
+        return read_config_json(value)
     return MUGDiTConfig.from_preset(value)
 
 

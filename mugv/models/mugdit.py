@@ -384,6 +384,11 @@ def load_pretrained_config(directory: str) -> MUGDiTConfig:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
+    return read_config_json(path)
+
+
+def read_config_json(path: str) -> MUGDiTConfig:
+    """A JSON file of MUGDiTConfig fields (an HF config.json with model_type "mugdit" too)."""
     with open(path) as f:
         d = json.load(f)
     if d.pop("model_type", "mugdit") != "mugdit":
