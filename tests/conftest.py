@@ -10,6 +10,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from mugv.models import MUGDiT, MUGDiTConfig  # noqa: E402
 
 TINY = dict(hidden_size=72, depth=2, num_heads=2, caption_channels=32)
+# a video VAE of the release architecture with small widths (tests only)
+SMALL_VAE = dict(
+    spatial_channels=(16, 16, 32, 32),
+    spatial_layers=1,
+    spatial_groups=8,
+    temporal_filters=16,
+    temporal_res_blocks=1,
+    temporal_groups=8,
+)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

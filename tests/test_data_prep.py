@@ -231,17 +231,12 @@ def test_bucket_table_rejects_bad_sizes():
 
 def test_mugv_prep_cli_with_real_tiny_encoders(tmp_path, monkeypatch):
     """`mugv prep` end to end with the project's VideoVAE (small random config) and a tiny T5."""
+    from conftest import SMALL_VAE
+
     from mugv.text import make_tiny_t5
     from mugv.vae import VideoVAE, VideoVAEConfig
 
-    small = VideoVAEConfig(
-        spatial_channels=(16, 16, 32, 32),
-        spatial_layers=1,
-        spatial_groups=8,
-        temporal_filters=16,
-        temporal_res_blocks=1,
-        temporal_groups=8,
-    )
+    small = VideoVAEConfig(**SMALL_VAE)
     torch.manual_seed(0)
     vae_path = str(tmp_path / "vae.pt")
     torch.save(VideoVAE(small).state_dict(), vae_path)

@@ -2,19 +2,11 @@
 
 import pytest
 import torch
+from conftest import SMALL_VAE
 
 from mugv.vae import VideoVAE, VideoVAEConfig, latent_frames, pixel_frames
 
-SMALL = dict(
-    spatial_channels=(16, 16, 32, 32),
-    spatial_layers=1,
-    spatial_groups=8,
-    temporal_filters=16,
-    temporal_res_blocks=1,
-    temporal_groups=8,
-    frame_batch=5,
-    group_batch=2,
-)
+SMALL = dict(SMALL_VAE, frame_batch=5, group_batch=2)
 
 
 def small_vae(seed: int = 0, **overrides) -> VideoVAE:
