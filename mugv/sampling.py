@@ -106,15 +106,15 @@ def load_model(
 ) -> MUGDiT:
     """A plain MUGDiT (eval) from an HF directory, a release dit.pt (config inferred from shapes
     unless given) or a Megatron checkpoint / run directory (`ema` picks its EMA weights)."""
+    from mugv.checkpoint.weights import load_release_weights
     from mugv.convert import ReleaseSource
-    from mugv.convert.megatron_io import load_checkpoint_release
     from mugv.convert.sources import is_hf_dir
 
     if os.path.isfile(path) or is_hf_dir(path):
         source = ReleaseSource(path, config)
         config, sd = source.config, dict(source.items())
     else:
-        config, sd = load_checkpoint_release(path, ema)
+        config, sd = load_release_weights(path, ema)
     model = MUGDiT.from_state_dict(config, {k: v.to(dtype) for k, v in sd.items()}, device)
     return model.eval().requires_grad_(False)
 

@@ -59,7 +59,7 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     merged over tensor parallelism."""
     from megatron.core import parallel_state
 
-    from mugv.models.megatron.checkpoint import unwrap
+    from mugv.checkpoint.keys import unwrap
     from mugv.models.megatron.weight_map import chunk_mapping, merge
 
     tp_group = parallel_state.get_tensor_model_parallel_group()

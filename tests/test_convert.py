@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
+from mugv.checkpoint import resolve
 from mugv.cli.main import main as cli
-from mugv.convert import from_hf, resolve_checkpoint_dir, to_hf, verify
+from mugv.convert import from_hf, to_hf, verify
 from mugv.convert.sources import infer_config
 from mugv.convert.verify import probe_batch
 from mugv.models import MUGDiT
@@ -32,7 +33,7 @@ def test_checkpoint_layout(converted):
     model, _, ckpt = converted
     names = set(os.listdir(ckpt))
     assert {"metadata.json", "model_config.json", "complete.json", "common.pt"} <= names
-    assert resolve_checkpoint_dir(ckpt) == ckpt
+    assert resolve(ckpt) == ckpt
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(ckpt)
@@ -145,7 +146,7 @@ def test_bad_inputs_name_the_problem(converted, tmp_path):
         from_hf(broken, str(tmp_path / "out"), model.config)
     with pytest.raises(FileExistsError, match="not empty"):
         from_hf(dit, ckpt)
-    with pytest.raises(FileNotFoundError, match="not a Megatron checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         to_hf(str(tmp_path), release=str(tmp_path / "x.pt"))
     with pytest.raises(ValueError, match="unknown MUGDiT preset"):
         cli(["convert", "from-hf", "--src", dit, "--out", str(tmp_path / "o2"), "--config", "nope"])

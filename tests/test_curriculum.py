@@ -43,7 +43,7 @@ def write_curriculum(tmp_path, stage2_overrides) -> str:
 
 
 def test_two_stages_hand_over_weights_across_layouts_and_skip_when_done(tmp_path, capfd):
-    from mugv.convert import load_checkpoint_release
+    from mugv.checkpoint.weights import load_release_weights
 
     data = dataset(str(tmp_path))  # synthetic images + 2-frame clips, 32 text channels
     # stage 2 at lr 0 keeps the weights it starts from: its final checkpoint shows its initial weights
@@ -57,8 +57,8 @@ def test_two_stages_hand_over_weights_across_layouts_and_skip_when_done(tmp_path
     assert "world 2 = tp 2 x pp 1" in out and "world 2 = tp 1 x pp 2" in out
     assert f"initialised from {os.path.join(root, 'one', 'checkpoints', 'step_00000003')}" in out
 
-    _, first = load_checkpoint_release(os.path.join(root, "one"))
-    _, second = load_checkpoint_release(os.path.join(root, "two"))
+    _, first = load_release_weights(os.path.join(root, "one"))
+    _, second = load_release_weights(os.path.join(root, "two"))
     assert set(first) == set(second)
     for k, v in first.items():
         assert torch.equal(second[k], v), k

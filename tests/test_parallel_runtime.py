@@ -320,53 +320,6 @@ def test_pipeline_schedules_match_single_process(tp, pp, vpp):
 
 
 # ---------------------------------------------------------------------------------------------
-# (d) dist_checkpointing: save under one layout, load under another (distributed optimizer)
-# ---------------------------------------------------------------------------------------------
-
-CKPT_BATCHES = [3, 4, 5]  # seeds: two steps before the checkpoint, one after
-
-
-def _ckpt_worker(rank, world_size, tp, ckpt_dir, save):
-    from megatron.core import dist_checkpointing
-
-    from mugv.parallel import init_distributed, load_optimizer_state_dict, prime_optimizer_state
-
-    init_distributed(tp=tp)
-    config = transformer_config()
-    ddp, optimizer = wrap_ddp_and_optimizer(build_toy(config, [0, 1]), config, True, True, bucket_size=None)
-    batches = [make_batch(4, seed) for seed in CKPT_BATCHES]
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
-    if save:
-        dp_train_steps(ddp, optimizer, batches[:2])
-        model_sd = ddp.module.sharded_state_dict()
-        state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=meta)}
-        dist_checkpointing.save(state, ckpt_dir)
-        return None
-    assert prime_optimizer_state(optimizer) > 0  # torch Adam has no state before its first step
-    model_sd = ddp.module.sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=meta)}
-    loaded = dist_checkpointing.load(state, ckpt_dir)
-    ddp.module.load_state_dict(loaded["model"])
-    load_optimizer_state_dict(optimizer, loaded["optimizer"])
-    dp_train_steps(ddp, optimizer, batches[2:])
-    return gather_full(ddp.module, lambda p: p)
-
-
-@pytest.mark.parametrize("save_tp,load_tp", [(2, 1), (1, 2)], ids=["tp2_to_dp2", "dp2_to_tp2"])
-def test_dist_checkpoint_reshards_distributed_optimizer(tmp_path, save_tp, load_tp):
-    """Two Adam steps, save, load under the other layout, one more step == three plain steps.
-
-    One gradient bucket: megatron-core 0.16.1 saves fully_reshardable optimizer state wrongly
-    when a buffer has several buckets (end-of-bucket padding shifts later params; it warns
-    "param range exceeds unpadded buffer"; fixed upstream in Megatron-LM PR #5077), and the
-    other model-space format (fully_sharded_model_space) is unsupported in this version."""
-    want = ref_adam(2, [make_batch(4, seed) for seed in CKPT_BATCHES], **ADAM)
-    run_distributed(_ckpt_worker, 2, save_tp, str(tmp_path), True)
-    for params in run_distributed(_ckpt_worker, 2, load_tp, str(tmp_path), False):
-        assert_close_list(params, want)
-
-
-# ---------------------------------------------------------------------------------------------
 # the CPU shim itself (in-process)
 # ---------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from mugv.training.checkpointing import latest_checkpoint
+from mugv.checkpoint import latest_checkpoint
 from tests.dist_harness import DistributedRankError, run_distributed
 from tests.trainer_utils import dataset, load_worker, overrides, train_worker
 
@@ -120,19 +120,17 @@ def ema_worker(rank, world, ovr, decay):
         trainer.step += 1
         for k, v in release_params(trainer).items():
             expected[k] = decay * expected[k] + (1 - decay) * v
-    # EMA in model space (exact on each DP group's first rank), mapped to the release layout
-    # through the same TP gather as the weights
-    from megatron.core import parallel_state
+    # the EMA swapped into the weights (as previews do), mapped to the release layout through
+    # the same TP gather as the weights; swapping back restores the weights exactly
+    from mugv.checkpoint.checkpointer import weights_from_main_params
 
-    from mugv.models.megatron.checkpoint import model_sharded_state_dict
-
-    full = trainer.ema.model_space(model_sharded_state_dict(trainer.model))
-    with torch.no_grad():
-        for p, e in full.items():
-            p.copy_(e)
+    weights = release_params(trainer)
+    trainer.ema.swap_into_main_params()
+    weights_from_main_params(trainer.model, trainer.optimizer)
     got = release_params(trainer)
-    if parallel_state.get_data_parallel_rank() != 0:
-        return 0.0
+    trainer.ema.swap_into_main_params()
+    weights_from_main_params(trainer.model, trainer.optimizer)
+    assert all(torch.equal(v, weights[k]) for k, v in release_params(trainer).items())
     return max(float((got[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected)
 
 

@@ -36,8 +36,8 @@ def release_params(trainer) -> dict[str, torch.Tensor]:
 
 
 def train_worker(rank, world, ovr: list[str], kill_on_save_step: int | None = None):
+    from mugv.checkpoint import checkpointer as checkpointing
     from mugv.config import load_config
-    from mugv.training import checkpointing
     from mugv.training.config import TrainConfig
     from mugv.training.trainer import Trainer
 

@@ -3,9 +3,8 @@
 Path rules (used by `mugv convert` and `mugv sample`):
   * a file                      -> a release `dit.pt` (flat torch.save dict, release layout)
   * a directory with config.json and safetensors -> an HF directory (MUGDiT.save_pretrained / to-hf)
-  * a directory with metadata.json (Megatron dist_checkpointing) -> a Megatron checkpoint
-  * a directory with a `latest` file, or with checkpoints/latest -> the checkpoint it names
-    (a training run directory or its checkpoints/ folder)
+  * anything else -> a Megatron checkpoint, a checkpoints root or a run directory, found by the
+    one locator (mugv.checkpoint.resolve)
 """
 
 from __future__ import annotations
@@ -19,51 +18,10 @@ import torch
 from mugv.models.mugdit import CONFIG_NAME, MUGDiT, MUGDiTConfig, load_pretrained_config, read_config_json
 from mugv.utils.checkpoint_io import SAFE_INDEX, SAFE_SINGLE, load_release_state_dict
 
-MODEL_CONFIG = "model_config.json"  # MUGDiTConfig.to_dict() next to a Megatron checkpoint
-DIST_METADATA = "metadata.json"  # written by megatron.core.dist_checkpointing.save
-
-
-def is_megatron_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, DIST_METADATA))
-
 
 def is_hf_dir(path: str) -> bool:
     has_weights = any(os.path.isfile(os.path.join(path, f)) for f in (SAFE_SINGLE, SAFE_INDEX))
     return os.path.isfile(os.path.join(path, CONFIG_NAME)) and has_weights
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """A Megatron checkpoint directory, a run directory (-> checkpoints/latest) or a checkpoints/
-    folder (-> latest) -> the checkpoint directory."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Megatron checkpoint not found: {path}")
-    if is_megatron_checkpoint(path):
-        return path
-    for base in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(base, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                name = f.read().strip()
-            target = name if os.path.isabs(name) else os.path.join(base, name)
-            if not is_megatron_checkpoint(target):
-                raise FileNotFoundError(
-                    f"{latest} names {name!r}, which is not a complete Megatron checkpoint"
-                )
-            return target
-    raise FileNotFoundError(
-        f"{path} is not a Megatron checkpoint (no {DIST_METADATA}) and has no latest or checkpoints/latest file"
-    )
-
-
-def read_model_config(ckpt_dir: str) -> MUGDiTConfig:
-    path = os.path.join(ckpt_dir, MODEL_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{ckpt_dir}: no {MODEL_CONFIG} (the MUGDiTConfig of the checkpoint)")
-    with open(path) as f:
-        try:
-            return MUGDiTConfig.from_dict(json.load(f))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
 
 
 def parse_config_arg(value: str) -> MUGDiTConfig:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mugv.convert.megatron_io import weight_prefix
-from mugv.convert.sources import ReleaseSource, read_model_config, resolve_checkpoint_dir
+from mugv.checkpoint import read_model_config, resolve
+from mugv.checkpoint.weights import weight_prefix
+from mugv.convert.sources import ReleaseSource
 from mugv.models.mugdit import MUGDiT, MUGDiTConfig
 from mugv.utils.logging import get_logger
 
@@ -58,8 +59,8 @@ def load_megatron_chunks(ckpt_dir: str, ema: bool = False, device: torch.device 
     a checkpoint. Returns (chunks, megatron config)."""
     from megatron.core import dist_checkpointing, parallel_state
 
+    from mugv.checkpoint.keys import load_into_chunks, model_sharded_state_dict
     from mugv.models.megatron import build_model_chunks, megatron_config
-    from mugv.models.megatron.checkpoint import load_into_chunks, model_sharded_state_dict
 
     cfg = megatron_config(
         read_model_config(ckpt_dir),
@@ -219,7 +220,7 @@ def verify(
 ) -> VerifyResult:
     """Compare the Megatron checkpoint (at TP x PP) with HF / release weights on a probe batch.
     `launcher(fn, world, *args)` runs the Megatron side (default: spawn_ranks)."""
-    ckpt_dir = resolve_checkpoint_dir(ckpt)
+    ckpt_dir = resolve(ckpt)
     config = read_model_config(ckpt_dir)
     source = ReleaseSource(hf, config if os.path.isfile(hf) else None)
     if source.config != config:

@@ -1,7 +1,6 @@
 """Distributed runtime: process groups, Megatron-Core parallel state, the CPU (gloo) shim."""
 
 from mugv.parallel.cpu_compat import cpu_shims, cpu_shims_installed, install_cpu_shims, uninstall_cpu_shims
-from mugv.parallel.optim_state import load_optimizer_state_dict, prime_optimizer_state
 from mugv.parallel.runtime import DistContext, destroy_distributed, init_distributed
 
 __all__ = [
@@ -11,7 +10,5 @@ __all__ = [
     "destroy_distributed",
     "init_distributed",
     "install_cpu_shims",
-    "load_optimizer_state_dict",
-    "prime_optimizer_state",
     "uninstall_cpu_shims",
 ]

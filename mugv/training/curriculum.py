@@ -237,7 +237,7 @@ def checkpoint_step(run_dir: str) -> int | None:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):  # (spares a new run's dry run the Megatron import)
         return None
-    from mugv.training.checkpointing import COMPLETE, latest_checkpoint
+    from mugv.checkpoint import COMPLETE, latest_checkpoint
 
     path = latest_checkpoint(root)
     if path is None:

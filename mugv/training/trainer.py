@@ -12,12 +12,13 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
+from mugv.checkpoint import latest_checkpoint, resolve
+from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.megatron import padded_sequence_length
 from mugv.parallel.runtime import init_distributed
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
-from mugv.training.checkpointing import Checkpointer, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from mugv.training.config import TrainConfig
 from mugv.training.ema import ShardedEMA
 from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
@@ -86,7 +87,7 @@ class Trainer:
             log.info(f"resumed from {path} at step {self.step}")
         elif self.cfg.train.init_from:
             t = self.cfg.train
-            path = resolve_checkpoint(t.init_from)
+            path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
             load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
             if opt is None:

@@ -1,11 +1,11 @@
-"""Megatron-Core dist_checkpointing view of the MUGDiT chunks: layout-independent keys.
+"""Layout-independent keys: the dist_checkpointing view of the Megatron MUGDiT chunks.
 
 Every parameter is one ShardedTensor whose key is its *global* Megatron name (layers numbered
 0..depth-1 over the whole model, whatever the pipeline split) and whose global shape is the
 full tensor in the Megatron layout (QKV / KV rows grouped per head), split over TP along the
 axis the weight map gives. A checkpoint written at one TP/PP/CP/DP layout therefore loads at
-any other, and a release `dit.pt` can be written straight into this key space (see
-`release_to_global`), with no fixed-TP intermediate.
+any other, and a release `dit.pt` can be written straight into this key space (mugv.convert),
+with no fixed-TP intermediate.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from mugv.models.megatron.weight_map import (
     ROW,
     ParamMap,
     chunk_mapping,
-    full_mapping,
-    merge,
-    split,
 )
 
 TP_AXIS = {COLUMN: 0, QKV: 0, KV: 0, ROW: 1, REPLICATED: None}
@@ -78,15 +75,3 @@ def load_into_chunks(chunks, loaded: dict[str, torch.Tensor], prefix: str = "mod
     with torch.no_grad():
         for entry, st in template.items():
             st.data.copy_(loaded[entry])
-
-
-def release_to_global(release: dict[str, torch.Tensor], depth: int, num_heads: int, prefix: str = "model."):
-    """Yield (global key, full Megatron-layout tensor) for a release state dict, one at a time."""
-    for row in full_mapping(depth):
-        yield prefix + global_key(row), split(release[row.release], row.layout, 0, 1, num_heads)
-
-
-def global_to_release(get, depth: int, num_heads: int, prefix: str = "model."):
-    """Yield (release name, tensor) reading full Megatron-layout tensors with get(global key)."""
-    for row in full_mapping(depth):
-        yield row.release, merge([get(prefix + global_key(row))], row.layout, num_heads)

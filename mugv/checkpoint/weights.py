@@ -1,0 +1,128 @@
+"""Whole-tensor access to a checkpoint's weights from one process: for conversion and sampling.
+
+`iter_release_weights` reads a checkpoint's `model.*` (or `ema.*`) tensors a batch at a time as
+full Megatron-layout tensors and yields them in the release layout; `write_weights_checkpoint`
+writes a weights-only checkpoint (model and EMA from the same tensors) from release tensors.
+Both run in one process (`dist_session`), need no model and never hold more than a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from mugv.checkpoint.keys import global_key
+from mugv.checkpoint.locate import COMPLETE, MODEL_CONFIG, read_model_config, resolve
+from mugv.models.megatron.weight_map import full_mapping, merge, split
+from mugv.models.mugdit import MUGDiTConfig
+from mugv.utils.checkpoint_io import write_json_atomic
+
+PREFIXES = ("model.", "ema.")
+
+
+def weight_prefix(ema: bool) -> str:
+    return "ema." if ema else "model."
+
+
+@contextmanager
+def dist_session():
+    """A single-process gloo group (plus the CPU shim without CUDA) for dist_checkpointing, unless
+    torch.distributed is already initialised; torn down on exit."""
+    from mugv.parallel import cpu_shims
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if torch.cuda.is_available():
+            yield
+        else:
+            with cpu_shims():
+                yield
+    finally:
+        dist.destroy_process_group()
+
+
+def checkpoint_metadata(ckpt_dir: str) -> dict:
+    """{ShardedTensor key: metadata ShardedTensor (global shape, dtype)} of a checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(ckpt_dir)
+
+
+def read_full(ckpt_dir: str, keys: list[str], meta: dict) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors for `keys`, read by this process alone."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    request = {
+        k: ShardedTensor.from_rank_offsets(k, torch.empty(meta[k].global_shape, dtype=meta[k].dtype), replica_id=0)
+        for k in keys
+    }
+    return dist_checkpointing.load(request, ckpt_dir, validate_access_integrity=False)
+
+
+def iter_release_weights(
+    ckpt_dir: str, config: MUGDiTConfig, ema: bool = False, batch_bytes: int = 2**30
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (release name, tensor) from a checkpoint, reading `batch_bytes` at a time. Call
+    inside dist_session()."""
+    prefix = weight_prefix(ema)
+    meta = checkpoint_metadata(ckpt_dir)
+    rows = list(full_mapping(config.depth))
+    missing = [prefix + global_key(r) for r in rows if prefix + global_key(r) not in meta]
+    if missing:
+        what = "EMA weights" if ema else "model weights"
+        raise KeyError(f"{ckpt_dir}: {len(missing)} {what} missing from the checkpoint, e.g. {missing[:3]}")
+    batch, size = [], 0
+    for i, row in enumerate(rows):
+        key = prefix + global_key(row)
+        batch.append(row)
+        size += meta[key].dtype.itemsize * torch.Size(meta[key].global_shape).numel()
+        if size >= batch_bytes or i == len(rows) - 1:
+            loaded = read_full(ckpt_dir, [prefix + global_key(r) for r in batch], meta)
+            for r in batch:
+                yield r.release, merge([loaded.pop(prefix + global_key(r))], r.layout, config.num_heads)
+            batch, size = [], 0
+
+
+def load_release_weights(path: str, ema: bool = False) -> tuple[MUGDiTConfig, dict[str, torch.Tensor]]:
+    """The whole release state dict of a checkpoint (or run directory), stored dtype."""
+    ckpt = resolve(path)
+    config = read_model_config(ckpt)
+    with dist_session():
+        return config, dict(iter_release_weights(ckpt, config, ema))
+
+
+def write_weights_checkpoint(
+    get: Callable[[str], torch.Tensor], config: MUGDiTConfig, out: str, marker: dict
+) -> None:
+    """A weights-only checkpoint at `out` from release tensors `get(release name)`: `model.*` and
+    `ema.*` share each tensor. Written to `<out>.partial` and renamed when complete. One process."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("write_weights_checkpoint runs in one process; call it outside a multi-rank job")
+    state = {}
+    for row in full_mapping(config.depth):
+        tensor = split(get(row.release), row.layout, 0, 1, config.num_heads).contiguous()
+        for prefix in PREFIXES:
+            key = prefix + global_key(row)
+            state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with dist_session():
+        dist_checkpointing.save(state, tmp)
+    write_json_atomic(os.path.join(tmp, MODEL_CONFIG), config.to_dict())
+    write_json_atomic(os.path.join(tmp, COMPLETE), {"step": 0, **marker})
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
