@@ -118,4 +118,4 @@ def resize_crop(image, height: int, width: int, resample: str = "bicubic") -> np
     sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
     top, left = round((sh - height) / 2.0), round((sw - width) / 2.0)
     scaled = np.asarray(Image.fromarray(arr).resize((sw, sh), modes[resample]))
-    return np.ascontiguousarray(scaled[top : top + height, left : left + width])
+    return np.array(scaled[top : top + height, left : left + width])  # a writable copy
