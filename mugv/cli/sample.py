@@ -99,8 +99,14 @@ def run(args) -> int:
     from mugv.convert import parse_config_arg
     from mugv.demo.pca_ae import KIND, load_pca_autoencoder
     from mugv.sampling import (
-        decode_latents, encode_prompts, encode_reference, latent_size, load_autoencoder, load_model,
-        register_autoencoder, sample_latents,
+        decode_latents,
+        encode_prompts,
+        encode_reference,
+        latent_size,
+        load_autoencoder,
+        load_model,
+        register_autoencoder,
+        sample_latents,
     )  # fmt: skip
     from mugv.text import T5TextEncoder
     from mugv.utils.video import to_uint8_frames, write_video

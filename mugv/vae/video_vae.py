@@ -190,7 +190,8 @@ class VideoVAE(nn.Module):
             )
         out_device = torch.device(out_device) if out_device is not None else latents.device
         z = latents.to(self.dtype) * self.scale.to(self.dtype) + self.shift.to(self.dtype)
-        chunks = [z[:, :, :1], *z[:, :, 1:].split(self.config.decode_chunk, dim=2)]
+        tail = z[:, :, 1:].split(self.config.decode_chunk, dim=2) if z.shape[2] > 1 else ()
+        chunks = [z[:, :, :1], *tail]
         pixels = []
         for i, chunk in enumerate(chunks):
             feats = self.temporal_vae.decode(chunk)  # [B, C, 8t, h, w]
