@@ -5,29 +5,36 @@
     video = generate(model, T5TextEncoder("t5/"), vae, ["a cat"], num_frames=105, height=720, width=1280)
     write_video("out.mp4", to_uint8_frames(video[0]), fps=30)
 
+The defaults reproduce the release pipeline (SPEC 4 "Release sampling defaults": its negative
+prompt, the " aesthetic score: 6.0." suffix, the shift ratio from sizes in the model dtype, Pillow
+bicubic resize of the reference image, and the reference image's own pixels as frame 0), each
+switchable through mugv.diffusion.SamplerConfig's fields (or the matching keyword arguments).
+
+For one GPU the steps can be run apart, each model freed before the next is loaded:
+encode_prompts (T5) -> encode_reference (autoencoder) -> sample_latents (DiT) -> decode_latents.
+
 Autoencoders are pluggable: anything with encode(pixels [B, 3, F, H, W] in [-1, 1]) -> latents
-[B, C, T, h, w] and decode(latents) -> pixels. `load_autoencoder(path)` picks a loader by *kind*:
+[B, C, T, h, w] and decode(latents) -> pixels. `load_autoencoder(path)` picks a registered loader
+by *kind*; no file can name code to import:
   1. path is a .json file: the spec itself ({"kind": ..., "weights": file relative to the json, ...});
   2. else a spec next to the weights: `<path>.json` or `<path minus extension>.json`;
   3. else kind "video_vae" (a release vae.pt).
-Kinds: "video_vae" (VideoVAE.from_release; optional "config": VideoVAEConfig fields) and
-"factory" ({"factory": "package.module:function"} called as function(weights, spec, device, dtype));
-more with register_autoencoder(kind, loader). Latent sizes come from the autoencoder's
-`latent_shape(frames, height, width)` if it has one, else the VideoVAE rule (8k+1 frames -> k+1,
-8x spatial).
+Kind "video_vae" (VideoVAE.from_release; optional "config": VideoVAEConfig fields) is built in;
+register_autoencoder(kind, loader) adds others (the CLI registers the demo's "pca"). Latent sizes
+come from the autoencoder's `latent_shape(frames, height, width)` if it has one, else the VideoVAE
+rule (8k+1 frames -> k+1, 8x spatial).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mugv.diffusion import SamplerConfig, euler_sample
+from mugv.diffusion import RELEASE_NEGATIVE_PROMPT, RELEASE_PROMPT_SUFFIX, SamplerConfig, euler_sample
 from mugv.models.mugdit import MUGDiT, MUGDiTConfig
 from mugv.utils.logging import get_logger
 
@@ -51,17 +58,7 @@ def _load_video_vae(weights, spec, device, dtype):
     )
 
 
-def _load_factory(weights, spec, device, dtype):
-    target = spec.get("factory", "")
-    module, _, name = target.partition(":")
-    if not module or not name:
-        raise ValueError(
-            f'autoencoder kind \'factory\' needs "factory": "package.module:function", got {target!r}'
-        )
-    return getattr(importlib.import_module(module), name)(weights, spec, device, dtype)
-
-
-AUTOENCODER_KINDS: dict[str, AutoencoderLoader] = {"video_vae": _load_video_vae, "factory": _load_factory}
+AUTOENCODER_KINDS: dict[str, AutoencoderLoader] = {"video_vae": _load_video_vae}
 
 
 def register_autoencoder(kind: str, loader: AutoencoderLoader) -> None:
@@ -89,7 +86,10 @@ def load_autoencoder(path: str, device: torch.device | str = "cpu", dtype: torch
     weights, spec = autoencoder_spec(path)
     kind = spec.get("kind", "video_vae")
     if kind not in AUTOENCODER_KINDS:
-        raise ValueError(f"{path}: unknown autoencoder kind {kind!r}; known: {sorted(AUTOENCODER_KINDS)}")
+        raise ValueError(
+            f"{path}: unknown autoencoder kind {kind!r}; known: {sorted(AUTOENCODER_KINDS)} "
+            "(register others with mugv.sampling.register_autoencoder)"
+        )
     model = AUTOENCODER_KINDS[kind](weights, spec, torch.device(device), dtype)
     for method in ("encode", "decode"):
         if not callable(getattr(model, method, None)):
@@ -135,23 +135,77 @@ def latent_size(autoencoder, frames: int, height: int, width: int) -> tuple[int,
     return latent_frames(frames), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
 
 
-def image_to_pixels(image, height: int, width: int) -> torch.Tensor:
-    """An image (path, or uint8 [H, W, 3]) -> [3, height, width] in [-1, 1]: resized to cover the
-    target (aspect kept, antialiased) and centre-cropped."""
-    from mugv.utils.video import read_image
+def image_to_pixels(image, height: int, width: int, resample: str = "bicubic") -> torch.Tensor:
+    """An image (path, or uint8 [H, W, 3]) -> fp32 [3, height, width] in [-1, 1], resized to cover
+    the target and centre-cropped by mugv.utils.video.resize_crop, scaled as the release does
+    ((x / 255 - 0.5) / 0.5)."""
+    from mugv.utils.video import read_image, resize_crop
 
-    arr = read_image(image) if isinstance(image, str) else image
-    x = torch.as_tensor(arr).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
-    s = max(height / x.shape[2], width / x.shape[3])
-    size = (max(height, round(x.shape[2] * s)), max(width, round(x.shape[3] * s)))
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return (x[0, :, top : top + height, left : left + width] / 127.5 - 1).clamp(-1, 1)
+    arr = read_image(image) if isinstance(image, str | os.PathLike) else image
+    x = torch.from_numpy(resize_crop(arr, height, width, resample)).permute(2, 0, 1).float()  # [3, h, w]
+    return (x / 255.0 - 0.5) / 0.5
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+@dataclass
+class TextConditioning:
+    """Prompt encodings for the sampler: y [B, 1, L, Ct], mask [B, L]; the negative prompt's
+    y_neg [1, 1, L', Ct] / mask_neg [1, L'] (None: no CFG). Small: keep it, free the encoder."""
+
+    y: torch.Tensor
+    mask: torch.Tensor
+    y_neg: torch.Tensor | None = None
+    mask_neg: torch.Tensor | None = None
+
+    def to(self, device) -> TextConditioning:
+        move = lambda t: None if t is None else t.to(device)
+        return TextConditioning(move(self.y), move(self.mask), move(self.y_neg), move(self.mask_neg))
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder,
+    prompts: Sequence[str],
+    negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT,
+    prompt_suffix: str = RELEASE_PROMPT_SUFFIX,
+) -> TextConditioning:
+    """Encode `prompts` (each + prompt_suffix) and, unless negative_prompt is None, the negative
+    prompt (no suffix, as the release). `text_encoder.encode(list) -> (y, mask)`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    y, mask = text_encoder.encode([p + prompt_suffix for p in prompts])
+    if negative_prompt is None:
+        return TextConditioning(y, mask)
+    return TextConditioning(y, mask, *text_encoder.encode([negative_prompt]))
+
+
+@torch.no_grad()
+def encode_reference(
+    autoencoder, image, height: int, width: int, resample: str = "bicubic"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """I2V reference -> (pixels fp32 [3, height, width] in [-1, 1], latent fp32 [1, C, 1, h, w])."""
+    pixels = image_to_pixels(image, height, width, resample)
+    device, dtype = _model_device_dtype(autoencoder)
+    return pixels, autoencoder.encode(pixels[None, :, None].to(device, dtype)).float()
+
+
+@torch.no_grad()
+def decode_latents(autoencoder, latents: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents [B, C, T, h, w] -> videos fp32 [B, 3, F, H, W] in [-1, 1] on the CPU (a VideoVAE
+    decodes chunk by chunk straight to the CPU). reference [3, H, W]: frame 0 of every video is
+    these pixels (in the autoencoder's dtype, as the release) instead of the decoded latent 0."""
+    device, dtype = _model_device_dtype(autoencoder)
+    z = latents.to(device, dtype)
+    from mugv.vae import VideoVAE
+
+    video = autoencoder.decode(z, out_device="cpu") if isinstance(autoencoder, VideoVAE) else autoencoder.decode(z)
+    video = video.float().cpu()
+    if reference is not None:
+        video[:, :, 0] = reference.to(dtype).float()
+    return video.clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -160,7 +214,7 @@ def sample_latents(
     text_encoder,
     prompts: Sequence[str],
     latent_shape: tuple[int, int, int],
-    negative_prompt: str = "",
+    negative_prompt: str = RELEASE_NEGATIVE_PROMPT,
     steps: int = 25,
     guidance: float = 4.0,
     seed: int = 0,
@@ -169,29 +223,40 @@ def sample_latents(
     latent_channels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     shift_ratio: float = 0.0,
+    *,
+    prompt_suffix: str = RELEASE_PROMPT_SUFFIX,
+    ratio_in_model_dtype: bool = True,
 ) -> torch.Tensor:
-    """Denoised latents [B, C, T, h, w] (fp32) for `prompts`. `text_encoder.encode(list) -> (y, mask)`.
+    """Denoised latents [B, C, T, h, w] (fp32) for `prompts`.
+
+    text_encoder: `encode(list) -> (y, mask)`, or a TextConditioning from encode_prompts (then
+    prompts, negative_prompt and prompt_suffix are not used; only len(prompts) must match).
     cond_latent [B or 1, C, 1, h, w]: I2V first-frame latent. The noise is drawn on the CPU from
-    `seed`, so it does not depend on the device."""
+    `seed`, so it does not depend on the device. model: a MUGDiT or any velocity callable
+    (mugv.diffusion.euler_sample); its compute dtype is its parameters' dtype."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    device, _ = _model_device_dtype(model)
+    device, dtype = _model_device_dtype(model)
     C = latent_channels or (model.config.in_channels if isinstance(model, MUGDiT) else 24)
+    text = text_encoder
+    if not isinstance(text, TextConditioning):
+        text = encode_prompts(text, prompts, negative_prompt if guidance != 1.0 else None, prompt_suffix)
+    if text.y.shape[0] != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but the text conditioning holds {text.y.shape[0]}")
+    expect = model.config.caption_channels if isinstance(model, MUGDiT) else text.y.shape[-1]
+    if text.y.shape[-1] != expect:
+        raise ValueError(f"text encoder gives {text.y.shape[-1]} channels, the model expects {expect}")
+    text = text.to(device)
     B = len(prompts)
-    y, mask = text_encoder.encode(list(prompts))
-    expect = model.config.caption_channels if isinstance(model, MUGDiT) else y.shape[-1]
-    if y.shape[-1] != expect:
-        raise ValueError(f"text encoder gives {y.shape[-1]} channels, the model expects {expect}")
-    y_neg = mask_neg = None
-    if guidance != 1.0:
-        y_neg, mask_neg = text_encoder.encode([negative_prompt])
-        y_neg, mask_neg = y_neg.to(device), mask_neg.to(device)
     noise = torch.randn(B, C, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     if cond_latent is not None:
         cond_latent = cond_latent.to(device, torch.float32).expand(B, -1, -1, -1, -1)
-    cfg = SamplerConfig(num_steps=steps, guidance_scale=guidance, fps=fps, shift_ratio=shift_ratio)
+    cfg = SamplerConfig(
+        num_steps=steps, guidance_scale=guidance, fps=fps, shift_ratio=shift_ratio,
+        ratio_in_model_dtype=ratio_in_model_dtype,
+    )  # fmt: skip
     return euler_sample(
-        model, noise, y.to(device), mask.to(device), y_neg, mask_neg, cfg, cond_latent, progress
+        model, noise, text.y, text.mask, text.y_neg, text.mask_neg, cfg, cond_latent, progress, dtype
     )
 
 
@@ -201,7 +266,7 @@ def generate(
     text_encoder,
     autoencoder,
     prompts: Sequence[str],
-    negative_prompt: str = "",
+    negative_prompt: str = RELEASE_NEGATIVE_PROMPT,
     num_frames: int = 105,
     height: int = 720,
     width: int = 1280,
@@ -213,20 +278,25 @@ def generate(
     latent_shape: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shift_ratio: float = 0.0,
+    *,
+    prompt_suffix: str = RELEASE_PROMPT_SUFFIX,
+    ratio_in_model_dtype: bool = True,
+    reference_frame: bool = True,
+    image_resample: str = "bicubic",
 ) -> torch.Tensor:
-    """Videos [B, 3, F, H, W] in [-1, 1] (fp32, CPU) for `prompts`.
+    """Videos [B, 3, F, H, W] in [-1, 1] (fp32, CPU) for `prompts`: encode_prompts ->
+    encode_reference -> sample_latents -> decode_latents with every model held at once.
 
-    image: I2V reference (path or uint8 [H, W, 3]), encoded as latent frame 0 and held fixed.
-    latent_shape (T, h, w) overrides the size derived from num_frames x height x width."""
+    image: I2V reference (path or uint8 [H, W, 3]), encoded as latent frame 0 and held fixed;
+    reference_frame: the output's frame 0 is its resized pixels. latent_shape (T, h, w) overrides
+    the size derived from num_frames x height x width."""
     latent_shape = latent_shape or latent_size(autoencoder, num_frames, height, width)
-    ae_device, ae_dtype = _model_device_dtype(autoencoder)
-    cond = None
+    pixels = cond = None
     if image is not None:
-        pixels = image_to_pixels(image, height, width)
-        cond = autoencoder.encode(pixels[None, :, None].to(ae_device, ae_dtype)).float()  # [1, C, 1, h, w]
+        pixels, cond = encode_reference(autoencoder, image, height, width, image_resample)
     latents = sample_latents(
         model, text_encoder, prompts, latent_shape, negative_prompt, steps, guidance, seed, cond, fps,
-        progress=progress, shift_ratio=shift_ratio,
+        progress=progress, shift_ratio=shift_ratio, prompt_suffix=prompt_suffix,
+        ratio_in_model_dtype=ratio_in_model_dtype,
     )  # fmt: skip
-    video = autoencoder.decode(latents.to(ae_device, ae_dtype))
-    return video.float().clamp(-1, 1).cpu()
+    return decode_latents(autoencoder, latents, pixels if reference_frame else None)

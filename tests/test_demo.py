@@ -66,8 +66,10 @@ def test_pca_autoencoder_round_trip_and_interface(tmp_path):
     with pytest.raises(ValueError, match="8k\\+1"):
         ae.encode(test[:, :, :12])
 
-    from mugv.sampling import latent_size, load_autoencoder
+    from mugv.demo.pca_ae import KIND, load_pca_autoencoder
+    from mugv.sampling import latent_size, load_autoencoder, register_autoencoder
 
+    register_autoencoder(KIND, load_pca_autoencoder)
     spec = ae.save(str(tmp_path / "ae" / "pca.safetensors"))
     for path in (spec, str(tmp_path / "ae" / "pca.safetensors")):
         loaded = load_autoencoder(path)

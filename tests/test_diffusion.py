@@ -92,3 +92,17 @@ def test_t2v_and_i2v_sampling_with_tiny_model():
     i2v = euler_sample(model, noise, y, mask, yn, mn, cfg=cfg, cond_frame=ref)
     assert torch.equal(i2v[:, :, :1], ref)  # bit-identical first frame
     assert not torch.allclose(i2v[:, :, 1:], t2v[:, :, 1:])  # and it conditions the rest
+
+
+def test_shift_ratio_in_the_model_dtype_as_the_release():
+    from mugv.diffusion import latent_ratio, schedule_ratio
+
+    assert float(shift_ratio(720, 1280, 14, torch.bfloat16)) == 7.0
+    assert float(shift_ratio(720, 1280, 10, torch.bfloat16)) == 5.90625
+    cfg = SamplerConfig()
+    assert schedule_ratio(cfg, (14, 90, 160), torch.bfloat16) == 7.0
+    assert schedule_ratio(cfg, (14, 90, 160), torch.float32) == pytest.approx(7.015607, abs=1e-5)
+    exact = SamplerConfig(ratio_in_model_dtype=False)
+    assert schedule_ratio(exact, (14, 90, 160), torch.bfloat16) == latent_ratio((14, 90, 160))
+    gap = max(abs(a - b) for a, b in zip(sampling_schedule(25, 7.0), sampling_schedule(25, latent_ratio((14, 90, 160)))))
+    assert 0.5 < gap < 0.6  # the "up to 0.56 of 1000"

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from mugv.cli.main import main as cli
-from mugv.sampling import autoencoder_spec, generate, load_autoencoder, sample_latents
+from mugv.sampling import (
+    autoencoder_spec,
+    generate,
+    load_autoencoder,
+    register_autoencoder,
+    sample_latents,
+)
 from mugv.text import T5TextEncoder, make_tiny_t5
 from mugv.utils.video import read_video, to_uint8_frames, video_fps, write_image, write_video
 from mugv.vae import VideoVAE, VideoVAEConfig
@@ -96,11 +102,16 @@ def test_autoencoder_spec_rules(assets, tmp_path):
     plain = str(tmp_path / "other.pt")
     torch.save({}, plain)
     assert autoencoder_spec(plain) == (plain, {"kind": "video_vae"})
+    # a spec cannot name code to run: the old "factory" kind is gone; registered kinds load
     factory = tmp_path / "ae.json"
     factory.write_text(
         json.dumps({"kind": "factory", "factory": "tests.test_sample_cli:identity_autoencoder"})
     )
-    ae = load_autoencoder(str(factory))
+    with pytest.raises(ValueError, match="unknown autoencoder kind 'factory'"):
+        load_autoencoder(str(factory))
+    register_autoencoder("identity_test", identity_autoencoder)
+    (tmp_path / "id.json").write_text(json.dumps({"kind": "identity_test"}))
+    ae = load_autoencoder(str(tmp_path / "id.json"))
     x = torch.randn(2)
     assert type(ae).__name__ == "IdentityAE" and ae.decode(x) is x
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "nope"}))
@@ -134,3 +145,21 @@ def test_write_video_round_trip_and_errors(tmp_path):
     assert torch.equal(
         to_uint8_frames(torch.full((3, 2, 4, 4), -1.0)), torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     )
+
+
+def test_chunked_decode_equals_decoding_all_features_at_once(assets):
+    """VideoVAE.decode streams chunk -> 2D decoder -> out_device; the same numbers as the
+    temporal decoder over every chunk first and one 2D-decoder call over all frames."""
+    vae = VideoVAE(VideoVAEConfig(**SMALL_VAE, decode_chunk=2, frame_batch=3)).eval()
+    vae.load_state_dict(assets["vae"].state_dict())  # latents 1.. in 2 chunks, 3 frames per 2D call
+    z = torch.randn(1, 24, 5, 2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        streamed = vae.decode(z, out_device="cpu")
+        raw = z * vae.scale + vae.shift
+        feats = torch.cat([vae.temporal_vae.decode(raw[:, :, :1])[:, :, -1:]]
+                          + [vae.temporal_vae.decode(c) for c in raw[:, :, 1:].split(vae.config.decode_chunk, 2)], 2)  # fmt: skip
+        frames = feats.transpose(1, 2).flatten(0, 1)  # every frame in one 2D-decoder call
+        whole = vae.spatial_vae.module.decoder(frames / vae.spatial_vae.scaling_factor)
+        whole = whole.unflatten(0, (1, -1)).transpose(1, 2)
+    assert streamed.shape == whole.shape == (1, 3, 33, 16, 24)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)

@@ -7,8 +7,8 @@ patch of frame 0 (192 values) is projected on its own PCA basis, each 8x8x8 bloc
 group (1536 values) on another, both to 24 components, which are then normalised per channel
 as the VAE does: z = (coefficient - shift) / scale.
 
-Saved as safetensors + a JSON spec next to it, so `mugv.sampling.load_autoencoder(path)` builds
-it through the spec's "factory" kind.
+Saved as safetensors + a JSON spec next to it of kind "pca": `mugv sample` registers that kind
+(load_pca_autoencoder) with mugv.sampling.register_autoencoder, so `--vae <spec>` loads it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mugv.vae import latent_frames
 
 T, S = 8, 8  # pixel frames per latent frame, pixels per latent pixel
 FIRST_DIM, GROUP_DIM = 3 * S * S, 3 * T * S * S  # 192, 1536
-FACTORY = "mugv.demo.pca_ae:load_pca_autoencoder"
+KIND = "pca"
 
 log = get_logger("demo")
 
@@ -147,8 +147,7 @@ class PCAAutoencoder(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path)
         spec_path = os.path.splitext(path)[0] + ".json"
         spec = {
-            "kind": "factory",
-            "factory": FACTORY,
+            "kind": KIND,
             "weights": os.path.basename(path),
             "latent_channels": self.config.latent_channels,
         }
@@ -176,7 +175,7 @@ class PCAAutoencoder(nn.Module):
 
 
 def load_pca_autoencoder(weights: str | None, spec: dict, device: torch.device, dtype: torch.dtype):
-    """The `factory` entry point of mugv.sampling.load_autoencoder."""
+    """The loader of kind "pca" for mugv.sampling.register_autoencoder."""
     if weights is None:
         raise ValueError("a PCA autoencoder spec needs 'weights' (the .safetensors file)")
     return PCAAutoencoder.load(weights, device, dtype)

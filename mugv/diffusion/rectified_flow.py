@@ -6,18 +6,19 @@ x_t = (1 - s) x0 + s eps, and the model predicts the velocity v = x0 - eps.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 NUM_TIMESTEPS = 1000.0
 LATENT_CHANNELS = 24
 
 
-def shift_ratio(height_px, width_px, latent_frames) -> torch.Tensor:
-    """r = sqrt(H_px * W_px / 512^2) * sqrt(T_latent) (T_latent = 1 for images); broadcasts."""
-    h, w, t = (torch.as_tensor(v, dtype=torch.float64) for v in (height_px, width_px, latent_frames))
-    return (torch.sqrt(h * w / 512.0**2) * torch.sqrt(t)).float()
+def shift_ratio(height_px, width_px, latent_frames, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """r = sqrt(H_px * W_px / 512^2) * sqrt(T_latent) (T_latent = 1 for images); broadcasts; fp32.
+
+    Every operation is done in `dtype`, as the release does with its size tensors made in the
+    model dtype: under bf16, 720x1280 px with 14 latent frames gives r = 7.0, not 7.0156."""
+    h, w, t = (torch.as_tensor(v).to(dtype) for v in (height_px, width_px, latent_frames))
+    return (torch.sqrt(h * w / 512**2) * torch.sqrt(t)).float()
 
 
 def shift_sigma(s: torch.Tensor, ratio) -> torch.Tensor:
@@ -67,17 +68,16 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, x_mask: torch.Tensor | N
 
 
 def sampling_schedule(num_steps: int, ratio: float) -> list[float]:
-    """Euler timesteps t_0 > ... > t_{N-1} > t_N = 0: t_i = 1000 (1 - i/N), shifted by ratio."""
+    """Euler timesteps (fp32 values), t_0 > ... > t_{N-1} > t_N = 0: t_i = 1000 (1 - i/N) shifted by
+    ratio, in the release's fp32 order of operations (t / 1000, shift, * 1000)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    ts = []
-    for i in range(num_steps):
-        s = 1.0 - i / num_steps
-        ts.append(NUM_TIMESTEPS * ratio * s / (1 + (ratio - 1) * s))
-    return ts + [0.0]
+    t = torch.tensor([(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)], dtype=torch.float32)
+    ts = shift_sigma(t / NUM_TIMESTEPS, float(ratio)) * NUM_TIMESTEPS
+    return ts.tolist() + [0.0]
 
 
-def dims_ratio(latent_shape, vae_stride: int = 8) -> float:
-    """Shift ratio of a latent [.., T, H, W] (pixel sizes = latent * vae_stride)."""
+def latent_ratio(latent_shape, vae_stride: int = 8, dtype: torch.dtype = torch.float64) -> float:
+    """Shift ratio of a latent [.., T, H, W] (pixel sizes = latent * vae_stride), computed in dtype."""
     T, H, W = latent_shape[-3:]
-    return float(math.sqrt(H * vae_stride * W * vae_stride / 512.0**2) * math.sqrt(T))
+    return float(shift_ratio(H * vae_stride, W * vae_stride, T, dtype))

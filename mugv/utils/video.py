@@ -88,5 +88,34 @@ def write_image(path: str, image) -> str:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file (PNG, JPEG, ...; or a video's first frame) -> uint8 [H, W, 3] RGB."""
-    return read_video(path)[0]
+    """Decode an image file with Pillow (PNG, JPEG, ...; as the release) -> uint8 [H, W, 3] RGB;
+    a file Pillow cannot open is read as a video's first frame."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        return read_video(path)[0]
+
+
+def resize_crop(image, height: int, width: int, resample: str = "bicubic") -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [height, width, 3]: scaled with Pillow (aspect kept) so it covers the
+    target, then centre-cropped. As the release does it: the covering side is round(side * scale)
+    and the crop offset round(excess / 2) (Python rounding). resample: "bicubic" | "bilinear"."""
+    from PIL import Image
+
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"resize_crop: image must be uint8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
+    modes = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    if resample not in modes:
+        raise ValueError(f"resize_crop: resample must be one of {sorted(modes)}, got {resample!r}")
+    h, w = arr.shape[:2]
+    rh, rw = height / h, width / w
+    sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
+    top, left = round((sh - height) / 2.0), round((sw - width) / 2.0)
+    scaled = np.asarray(Image.fromarray(arr).resize((sw, sh), modes[resample]))
+    return np.array(scaled[top : top + height, left : left + width])  # a writable copy

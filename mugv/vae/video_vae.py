@@ -3,7 +3,7 @@
 Encoding: every frame through the 2D encoder -> frame 0 repeated to fill its own 8-frame
 group -> every 8-frame group through the temporal encoder independently -> (z - shift)/scale.
 Decoding: z*scale + shift -> latent frame 0 alone (last of its 8 frames kept), the rest in
-chunks of `decode_chunk` latent frames -> every frame through the 2D decoder.
+chunks of `decode_chunk` latent frames, each chunk through the temporal then the 2D decoder.
 """
 
 from __future__ import annotations
@@ -176,19 +176,26 @@ class VideoVAE(nn.Module):
             z = mean + std * noise
         return (z - self.shift.to(z.dtype)) / self.scale.to(z.dtype)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, 24, T, h, w] normalised latents -> [B, 3, 8(T-1)+1, 8h, 8w] pixels."""
+    def decode(self, latents: torch.Tensor, out_device: torch.device | str | None = None) -> torch.Tensor:
+        """[B, 24, T, h, w] normalised latents -> [B, 3, 8(T-1)+1, 8h, 8w] pixels (on out_device,
+        default the latents' device).
+
+        Decoded chunk by chunk: latent frame 0 alone, then `decode_chunk` latent frames at a time,
+        each through the temporal decoder and straight on through the 2D decoder (`frame_batch`
+        frames per call), so only one chunk's features are ever held; the result equals decoding
+        all features first (the chunks are independent)."""
         if latents.dim() != 5 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(
                 f"latents must be [B, {self.config.latent_channels}, T, h, w], got shape {tuple(latents.shape)}"
             )
+        out_device = torch.device(out_device) if out_device is not None else latents.device
         z = latents.to(self.dtype) * self.scale.to(self.dtype) + self.shift.to(self.dtype)
-        first = self.temporal_vae.decode(z[:, :, :1])[:, :, -1:]  # [B, C, 1, h, w]
-        tail = z[:, :, 1:]
-        rest = (
-            [self.temporal_vae.decode(c) for c in tail.split(self.config.decode_chunk, dim=2)]
-            if tail.shape[2]
-            else []
-        )
-        feats = torch.cat([first, *rest], dim=2)  # [B, C, 8(T-1)+1, h, w]
-        return self.spatial_vae.decode(feats)
+        tail = z[:, :, 1:].split(self.config.decode_chunk, dim=2) if z.shape[2] > 1 else ()
+        chunks = [z[:, :, :1], *tail]
+        pixels = []
+        for i, chunk in enumerate(chunks):
+            feats = self.temporal_vae.decode(chunk)  # [B, C, 8t, h, w]
+            if i == 0:
+                feats = feats[:, :, -1:]  # latent frame 0 is one pixel frame: the last of its 8
+            pixels.append(self.spatial_vae.decode(feats).to(out_device))  # [B, 3, frames, 8h, 8w]
+        return torch.cat(pixels, dim=2)

@@ -1,7 +1,8 @@
 """Reading videos and images for prep: frame-rate resampling, clip cutting, resize + centre crop.
 
-Videos are decoded with PyAV (frames scaled by swscale while decoding, so only bucket-sized
-frames are kept); if PyAV fails, decord is tried. Images go through Pillow. Output pixels are
+Videos are decoded with PyAV (only the wanted frames are converted, each resized at once, so
+only bucket-sized frames are kept); if PyAV fails, decord is tried. Images are read with Pillow.
+Every frame and image is resized by mugv.utils.video.resize_crop (Pillow bicubic, centre crop). Output pixels are
 uint8 [F, 3, H, W] at the bucket size; `to_unit_range` maps them to [-1, 1] floats.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from mugv.data.buckets import BucketTable
+from mugv.utils.video import resize_crop
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -36,18 +38,6 @@ class Clip:
 
 def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTS)
-
-
-def resize_plan(src_h: int, src_w: int, dst_h: int, dst_w: int) -> tuple[int, int]:
-    """Scaled size covering (dst_h, dst_w) with the source aspect ratio kept."""
-    s = max(dst_h / src_h, dst_w / src_w)
-    return max(dst_h, math.ceil(src_h * s - 1e-6)), max(dst_w, math.ceil(src_w * s - 1e-6))
-
-
-def center_crop(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    """[H, W, 3] -> centre [h, w, 3]."""
-    top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-    return a[top : top + h, left : left + w]
 
 
 def resampled_indices(num_src: int, src_fps: float, target_fps: float) -> tuple[list[int], float]:
@@ -108,16 +98,14 @@ def _read_av(path: str, table: BucketTable, target_fps: float, max_clips: int) -
         if src_fps <= 0 or num_src <= 0:
             raise MediaError("unreadable", f"{path}: frame rate {src_fps} / frame count {num_src} unknown")
         container.seek(0)
-        src_h, src_w = stream.codec_context.height, stream.codec_context.width
-        out_h, out_w = table.nearest_size(src_h, src_w)
-        scaled_h, scaled_w = resize_plan(src_h, src_w, out_h, out_w)
+        out_h, out_w = table.nearest_size(stream.codec_context.height, stream.codec_context.width)
         fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips)
         clips = torch.empty(len(starts), length, 3, out_h, out_w, dtype=torch.uint8)
         last, filled = max(wanted), 0
         for j, frame in enumerate(container.decode(stream)):
             if j in wanted:
-                rgb = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24").to_ndarray()
-                chw = torch.from_numpy(np.ascontiguousarray(center_crop(rgb, out_h, out_w))).permute(2, 0, 1)
+                rgb = resize_crop(frame.to_ndarray(format="rgb24"), out_h, out_w)
+                chw = torch.from_numpy(rgb).permute(2, 0, 1)
                 for c, k in wanted[j]:
                     clips[c, k] = chw
                     filled += 1
@@ -138,19 +126,10 @@ def _read_decord(path: str, table: BucketTable, target_fps: float, max_clips: in
     fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips)
     clips = torch.empty(len(starts), length, 3, out_h, out_w, dtype=torch.uint8)
     for j, places in wanted.items():
-        frame = torch.from_numpy(vr[j].asnumpy()).permute(2, 0, 1)  # [3, H, W]
-        chw = _resize_crop(frame, out_h, out_w)
+        chw = torch.from_numpy(resize_crop(vr[j].asnumpy(), out_h, out_w)).permute(2, 0, 1)  # [3, H, W]
         for c, k in places:
             clips[c, k] = chw
     return [Clip(clips[c], fps, s) for c, s in enumerate(starts)]
-
-
-def _resize_crop(chw: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, out_h, out_w] (antialiased bilinear, centre crop)."""
-    sh, sw = resize_plan(chw.shape[1], chw.shape[2], out_h, out_w)
-    x = torch.nn.functional.interpolate(chw[None].float(), size=(sh, sw), mode="bilinear", antialias=True)[0]
-    top, left = (sh - out_h) // 2, (sw - out_w) // 2
-    return x[:, top : top + out_h, left : left + out_w].round().clamp(0, 255).to(torch.uint8)
 
 
 def read_image(path: str, table: BucketTable, fps: float) -> list[Clip]:
@@ -164,7 +143,7 @@ def read_image(path: str, table: BucketTable, fps: float) -> list[Clip]:
     except Exception as err:  # noqa: BLE001
         raise MediaError("unreadable", f"{path}: {type(err).__name__}: {err}") from None
     out_h, out_w = table.nearest_size(*rgb.shape[:2])
-    chw = _resize_crop(torch.from_numpy(rgb.copy()).permute(2, 0, 1), out_h, out_w)
+    chw = torch.from_numpy(resize_crop(rgb, out_h, out_w)).permute(2, 0, 1)
     return [Clip(chw[None], fps, 0)]
 
 
