@@ -147,8 +147,11 @@ def image_to_pixels(image, height: int, width: int, resample: str = "bicubic") -
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """A module's parameter device and dtype; a velocity callable's `device` / `dtype` attributes."""
     p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    if p is not None:
+        return p.device, p.dtype
+    return torch.device(getattr(model, "device", "cpu")), getattr(model, "dtype", torch.float32)
 
 
 @dataclass

@@ -71,6 +71,17 @@ def resolve(path: str) -> str:
     )
 
 
+def bytes_written_by_rank(ckpt_dir: str) -> dict[int, int]:
+    """Bytes of tensor data each global rank wrote into a checkpoint (torch_dist files are named
+    `__<rank>_<i>.distcp`)."""
+    out: dict[int, int] = {}
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("__") and name.endswith(".distcp"):
+            rank = int(name[2:].split("_", 1)[0])
+            out[rank] = out.get(rank, 0) + os.path.getsize(os.path.join(ckpt_dir, name))
+    return out
+
+
 def read_model_config(ckpt_dir: str) -> MUGDiTConfig:
     """The MUGDiTConfig a checkpoint was written for."""
     path = os.path.join(ckpt_dir, MODEL_CONFIG)

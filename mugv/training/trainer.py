@@ -17,6 +17,7 @@ from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.megatron import padded_sequence_length
+from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
 from mugv.training.config import TrainConfig
@@ -51,8 +52,7 @@ class Trainer:
                                  config_yaml, async_save=cfg.checkpoint.async_save)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
-        self.preview = Previewer(cfg.preview, cfg.run_dir, use_ema=self.ema is not None,
-                                 shift_ratio=cfg.train.shift_ratio)
+        self.preview = Previewer(cfg.preview, cfg.run_dir, shift_ratio=cfg.train.shift_ratio)
         self.step = 0
         self.resumed, self.resumed_metrics = False, None
         self.history: list[float] = []  # loss per step (last pipeline stage; 0 elsewhere)
@@ -152,6 +152,7 @@ class Trainer:
         self.metrics = self.make_metrics()
         if self.resumed_metrics:
             self.metrics.load_state_dict(self.resumed_metrics)
+        self.preview.setup(self.dist.device)
         self.metrics.reset_timer()
         total, M = self.cfg.train.steps, self.cfg.train.microbatches
         data = iter(self.data)
@@ -169,12 +170,10 @@ class Trainer:
             self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
             self.logged.append(self.metrics.maybe_log(self.step))
             stop = agree(self.signals.requested or self.budget.expired())
-            preview = self.preview.due(self.step)
-            path = self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
-                                        force=stop or preview or self.step == total)
-            if preview:
-                self.ckpt.maybe_finalize(blocking=True)
-                self.preview.maybe_preview(self.step, path, self.metrics)
+            self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
+                                 force=stop or self.step == total)
+            self.preview.maybe_preview(self.step, self.model, self.mcfg, self.optimizer, self.ema, self.metrics,
+                                       self.dist.device)
             self.ckpt.maybe_finalize()
             if stop:
                 log.info(f"stopping at step {self.step} on request (signal or time budget); checkpoint saved")
@@ -186,9 +185,10 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
-    trainer = Trainer(cfg)
-    try:
-        return trainer.run()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
+    """One training run on this rank. An exception on any rank ends every rank promptly, non-zero
+    (mugv.parallel.failfast); a normal end waits for all ranks."""
+    with fail_fast():
+        code = Trainer(cfg).run()
+    if dist.is_initialized():
+        dist.barrier()
+    return code
