@@ -152,19 +152,6 @@ def test_logged_flops_ignore_recompute(tmp_path):
     assert flops["null"] > 0 and math.isclose(flops["null"], flops["full"], rel_tol=1e-9), flops
 
 
-def test_preview_samples_written_during_training(tmp_path):
-    from mugv.text.tiny import make_tiny_t5
-
-    data = dataset(str(tmp_path))
-    t5 = make_tiny_t5(str(tmp_path / "t5"), d_model=32)
-    run = tmp_path / "run"
-    ovr = overrides(str(run), data, 2, "preview.interval=2", "preview.prompts=[a red square]",
-                    f"preview.text_encoder={t5}", "preview.latent_shape=[2,4,4]", "preview.sampler.num_steps=2")
-    run_distributed(train_worker, 1, ovr, timeout=300)
-    latents = torch.load(run / "previews" / "step_00000002_latents.pt")
-    assert latents.shape == (1, 24, 2, 4, 4) and torch.isfinite(latents).all()
-
-
 def test_async_save_publishes_and_resumes(tmp_path):
     data = dataset(str(tmp_path))
     run = str(tmp_path / "run")

@@ -65,7 +65,8 @@ def measure_worker(rank, world, overrides: list[str]) -> dict:
         load_checkpoint(path, trainer.model, trainer.optimizer, trainer.ema)
     load_s = time.perf_counter() - t0
     exact = all(torch.equal(a, b) for a, b in zip(before, _state(trainer)))
-    return dict(rank=rank, path=path, save_s=save_s, load_s=load_s, save_extra=save_mem.extra,
+    params = sum(p.numel() for m in trainer.model for p in m.parameters())
+    return dict(rank=rank, path=path, params=params, save_s=save_s, load_s=load_s, save_extra=save_mem.extra,
                 load_extra=load_mem.extra, exact=exact)
 
 
