@@ -105,15 +105,3 @@ def test_one_failing_rank_ends_the_job(tmp_path):
     assert "rank 1 failed: RuntimeError: injected failure in step 3" in out, out[-3000:]
     assert elapsed < 60, elapsed
 
-
-def test_resume_is_exact_bf16_without_distributed_optimizer(tmp_path):
-    """The replicated mixed-precision optimizer: each DP rank holds every slice; the fully parallel
-    save writes each once, and a resume reads the fp32 main params back into every rank."""
-    data = dataset(str(tmp_path))
-    layout = ["parallel.bf16=true", "parallel.distributed_optimizer=false"]
-    full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 4, *layout), timeout=300)
-    half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 2, *layout), timeout=300)
-    rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 4, *layout), timeout=300)
-    assert half[0]["history"] + rest[0]["history"] == full[0]["history"]
-    for k, v in full[0]["params"].items():
-        assert torch.equal(rest[0]["params"][k], v), k

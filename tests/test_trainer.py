@@ -36,10 +36,15 @@ def test_overfits_a_fixed_batch(tmp_path):
     assert h[-1] <= h[0] / 10, f"loss {h[0]:.3f} -> {h[-1]:.3f}"
 
 
-def test_resume_is_exact(tmp_path):
-    """DP2 with the distributed optimizer, overlapped grad reduce and many small grad buckets."""
+@pytest.mark.parametrize("layout", [
+    ["parallel.overlap_grad_reduce=true", "parallel.bucket_size=4000"],
+    ["parallel.bf16=true", "parallel.distributed_optimizer=false"],
+], ids=["distopt_overlap_many_buckets", "bf16_replicated_optimizer"])
+def test_resume_is_exact(tmp_path, layout):
+    """DP2: the distributed optimizer with overlapped grad reduce and many small grad buckets;
+    the replicated mixed-precision optimizer (every DP rank holds each slice, the fully parallel
+    save writes it once, a resume reads the fp32 main params back into every rank)."""
     data = dataset(str(tmp_path))
-    layout = ["parallel.overlap_grad_reduce=true", "parallel.bucket_size=4000"]
     full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 12, *layout), timeout=300)
     half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 6, *layout), timeout=300)
     rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 12, *layout), timeout=300)
