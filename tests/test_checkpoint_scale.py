@@ -4,6 +4,7 @@ TP2 / PP2 / DP1, previews sample the live sharded model, and one failing rank en
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,9 +99,15 @@ def test_one_failing_rank_ends_the_job(tmp_path):
            os.path.join(os.path.dirname(__file__), "failing_train.py"), *ovr]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:  # a hung job (the failure this test guards against) must not outlive it
+        subprocess.run(["pkill", "-9", "-f", f"run_dir={tmp_path}/run"], check=False)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     elapsed = time.monotonic() - t0
-    out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "rank 1 failed: RuntimeError: injected failure in step 3" in out, out[-3000:]
     assert elapsed < 60, elapsed
