@@ -82,12 +82,27 @@ def mugdit_flops_per_sample(
     embed += 3 * 2 * (freq * C + C * C)  # t_embedder(t), t_embedder(0), fps_embedder
     embed += 2 * 2 * C * 6 * C  # t_block on e and e0
     embed += 2 * L * (config.caption_channels * C + C * C)  # caption embedder
-    self_attn = 2 * N * C * 3 * C + 4 * N * N * C + 2 * N * C * C
-    cross_attn = 2 * N * C * C + 2 * L * C * 2 * C + 4 * N * L * C + 2 * N * C * C
-    mlp = 2 * 2 * N * C * r * C
     final = 2 * N * C * config.patch_out
-    forward = embed + config.depth * (self_attn + cross_attn + mlp) + final
+    forward = embed + config.depth * block_flops_per_sample(config, T, H, W, text_len)["forward"] + final
     return float(3 * forward if training else forward)
+
+
+def block_flops_per_sample(config: MUGDiTConfig, T: int, H: int, W: int, text_len: int) -> dict[str, float]:
+    """One block's forward FLOPs for one sample: {"forward": all, "attention_core": the attention
+    products (Q K^T and A V) of self- and cross-attention}."""
+    C, L, r = config.hidden_size, text_len, config.mlp_ratio
+    N = T * _ceil_div(H, PATCH[1]) * _ceil_div(W, PATCH[2]) + 2
+    core = 4 * N * N * C + 4 * N * L * C
+    self_attn = 2 * N * C * 3 * C + 2 * N * C * C
+    cross_attn = 2 * N * C * C + 2 * L * C * 2 * C + 2 * N * C * C
+    mlp = 2 * 2 * N * C * r * C
+    return {"forward": float(core + self_attn + cross_attn + mlp), "attention_core": float(core)}
+
+
+def attention_kernel_head_dim(head_dim: int) -> int:
+    """The head dim fused attention kernels (flash / cuDNN) compute at: rounded up to a multiple
+    of 32 (72 runs as 96)."""
+    return -(-head_dim // 32) * 32
 
 
 def peak_bf16_flops(device_name: str | None = None) -> float | None:

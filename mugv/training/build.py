@@ -32,6 +32,8 @@ def build_megatron_config(cfg: TrainConfig, dit: MUGDiTConfig) -> MUGDiTTransfor
         params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if p.bf16 else torch.float32,
         recompute_granularity=p.recompute,
+        te_attention=p.te_attention,
+        **({"recompute_num_layers": p.recompute_layers} if p.recompute == "full" and p.recompute_layers else {}),
         variable_seq_lengths=p.pp > 1,  # buckets: micro-batches of different sequence lengths
     )
 

@@ -40,12 +40,17 @@ class ParallelConfig:
     sequence_parallel: bool = True  # with tp > 1
     cp_attention: str = "a2a"  # "a2a" (Ulysses) or "allgather" (KV all-gather)
     backend: str = "local"  # "local" or "te" (Transformer Engine, GPU)
+    te_attention: bool = False  # backend te: Transformer Engine's DotProductAttention as the self-attention core
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     bucket_size: int | None = None  # DDP gradient bucket size in elements (None: Megatron's default)
     bf16: bool = False  # bf16 params/compute with fp32 main params in the optimizer
-    recompute: str | None = None  # None, "full" or "selective" (core attention)
+    # None; "selective": recompute LayerNorm + modulation, QK-norm + RoPE, GELU (no matmul);
+    # "full": recompute whole layers (the first recompute_layers of each pipeline chunk; 0 = all),
+    # the others selective. Bytes and FLOPs per mode: README "Memory and recompute".
+    recompute: str | None = None
+    recompute_layers: int = 0
     fp8: str | None = None  # Transformer Engine FP8 ("hybrid" or "e4m3"), backend "te" only
 
     def validate(self) -> None:
@@ -54,6 +59,10 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} must be >= 1")
         if self.recompute not in (None, "full", "selective"):
             raise ValueError(f"parallel.recompute must be null, 'full' or 'selective', got {self.recompute!r}")
+        if self.recompute_layers < 0 or (self.recompute_layers and self.recompute != "full"):
+            raise ValueError(f"parallel.recompute_layers = {self.recompute_layers} needs recompute: full and >= 0")
+        if self.te_attention and self.backend != "te":
+            raise ValueError("parallel.te_attention needs parallel.backend=te")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ValueError(f"parallel.fp8 must be null, 'hybrid' or 'e4m3', got {self.fp8!r}")
         if self.fp8 and self.backend != "te":

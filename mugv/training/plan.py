@@ -1,21 +1,104 @@
-"""What a config will do, without starting it: layout, parameter counts and a memory estimate."""
+"""What a config will do, without starting it: layout, parameter counts, a memory estimate per
+device, the recompute FLOPs overhead and the MFU ceiling it implies.
+
+Activations come from the layer's own inventory of what it keeps for backward
+(mugv.models.megatron.layer.saved_bytes, measured by tests/test_memory_plan.py). Per device, on
+the heaviest pipeline stage: the layers of that stage at the configured recompute, the tensors all
+its layers share (RoPE angles, text, modulation), the final layer and loss, one extra layer
+without recompute as the backward working set (plus, under `full`, the layer being recomputed),
+times the micro-batches a 1F1B pipeline keeps in flight on its first stage.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from omegaconf import OmegaConf
 
 from mugv.data.buckets import num_tokens
-from mugv.models import MUGDiT
+from mugv.models import MUGDiT, MUGDiTConfig
+from mugv.models.flops import attention_kernel_head_dim, block_flops_per_sample, mugdit_flops_per_sample
+from mugv.models.megatron.layer import saved_bytes, shared_saved_bytes
 from mugv.training.config import TrainConfig
+
+GiB = 2**30
 
 
 def params_per_block(C: int, D: int, mlp_ratio: int) -> int:
     return (4 + 2 * mlp_ratio + 4) * C * C + (15 + 2 * mlp_ratio) * C + 4 * D  # 16C^2 + 21C + 4D at ratio 4
 
 
+def block_bytes(dit: MUGDiTConfig, mode: str | None, elem: int, tokens: int, text_tokens: int, frames: int,
+                tp: int = 1, sp: bool = False, cp: int = 1, cp_attention: str = "a2a") -> float:
+    """Bytes one layer keeps for backward plus what all layers share, for `tokens` tokens of this
+    rank's CP chunk, `text_tokens` real text tokens and `frames` frame rows (T+1 per sample)."""
+    C = dit.hidden_size
+    layer = saved_bytes(mode, elem, C, dit.num_heads, tp, sp, cp, cp_attention)
+    shared = shared_saved_bytes(elem, C, dit.head_dim)
+    return layer.total(tokens, text_tokens, frames) + shared.total(tokens, text_tokens, frames)
+
+
+def stage_sample(cfg: TrainConfig) -> tuple[int, int, int]:
+    """A representative latent T, H, W: the largest weighted bucket, else an image of
+    token_budget / max_batch_size tokens."""
+    buckets = [tuple(int(v) for v in b.split("x")) for b in cfg.data.mix.bucket_weights]
+    if buckets:
+        return max(buckets, key=lambda s: num_tokens(*s))
+    side = 2 * max(1, round(math.sqrt(max(1, cfg.data.token_budget // cfg.data.max_batch_size - 2))))
+    return 1, side, side
+
+
+def recompute_layers(cfg: TrainConfig, dit: MUGDiTConfig) -> int:
+    """Layers of each pipeline chunk that `full` recomputes whole (0 without `full`)."""
+    p = cfg.parallel
+    chunk = dit.depth // (p.pp * (p.vpp or 1))
+    return (p.recompute_layers or chunk) if p.recompute == "full" else 0
+
+
+def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig) -> float:
+    p, d = cfg.parallel, cfg.data
+    elem = 2 if p.bf16 else 4
+    sp = p.sequence_parallel and p.tp > 1
+    s = p.tp if sp else 1
+    tokens = d.token_budget / p.cp  # of this rank's CP chunk, all samples of the micro-batch
+    T = stage_sample(cfg)[0]
+    samples = max(1, min(d.max_batch_size, d.token_budget // num_tokens(*stage_sample(cfg))))
+    text = samples * d.text_len  # worst case: every caption at the cap
+    frames = samples * (T + 1)
+    chunk = dit.depth // (p.pp * (p.vpp or 1))
+    chunks_here = p.vpp or 1
+    layer = lambda mode: saved_bytes(mode, elem, dit.hidden_size, dit.num_heads, p.tp, sp, p.cp,
+                                     p.cp_attention).total(tokens, text, frames)
+    n_full = recompute_layers(cfg, dit)
+    kept = chunks_here * (n_full * layer("full") + (chunk - n_full) * layer(p.recompute and "selective"))
+    shared = chunks_here * shared_saved_bytes(elem, dit.hidden_size, dit.head_dim).total(tokens, text, frames)
+    final = tokens * 3 * elem * dit.hidden_size / s + d.token_budget * 4 * 3 * dit.patch_out  # LN/mod/linear in; out, target, loss fp32
+    in_flight = min(p.pp, cfg.train.microbatches)
+    if p.vpp:
+        in_flight *= 1 + (p.pp - 1) / (p.pp * p.vpp)
+    working = layer(None) + (layer("selective") if n_full else 0)  # backward working set
+    return (kept + shared + final) * in_flight + working
+
+
+def flops_summary(cfg: TrainConfig, dit: MUGDiTConfig) -> tuple[float, float]:
+    """(recompute FLOPs as a fraction of the model FLOPs, MFU ceiling): the ceiling counts the
+    recomputed forward passes and the attention kernel's head-dim padding as spent, not useful."""
+    T, H, W = stage_sample(cfg)
+    Lt = cfg.data.text_len
+    model = mugdit_flops_per_sample(dit, T, H, W, Lt)
+    block = block_flops_per_sample(dit, T, H, W, Lt)
+    n_full = recompute_layers(cfg, dit) * cfg.parallel.pp * (cfg.parallel.vpp or 1)
+    recompute = n_full * block["forward"]
+    D = dit.head_dim
+    pad = (attention_kernel_head_dim(D) / D - 1) * 3 * dit.depth * block["attention_core"]
+    return recompute / model, model / (model + recompute + pad)
+
+
 def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None = None) -> str:
     dit, p = cfg.model.build(), cfg.parallel
+    if tokens:
+        cfg.data.token_budget = tokens
     C, L = dit.hidden_size, dit.depth
     block = params_per_block(C, dit.head_dim, dit.mlp_ratio)
     with torch.device("meta"):
@@ -26,33 +109,31 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
     # the heaviest pipeline stage holds L/pp blocks (TP-split) plus every non-block parameter
     per_device = L // p.pp * block // p.tp + outside
     w_bytes = 2 if p.bf16 else 4
-    dp_div = dp if (dp and p.distributed_optimizer) else 1
+    # the distributed optimizer shards over DP x CP, and only when that group has > 1 rank
+    shard = dp * p.cp if (dp and p.distributed_optimizer and dp * p.cp > 1) else 1
     weights = per_device * w_bytes
     grads = per_device * 4
-    optim = per_device * (4 * (1 if p.bf16 else 0) + 8) / dp_div  # fp32 main copy (bf16) + Adam m, v
-    ema = per_device * 4 / dp_div if cfg.ema.decay > 0 else 0
-    n_tok = tokens or cfg.data.token_budget
-    local_tok = n_tok / (p.cp * (p.tp if p.sequence_parallel and p.tp > 1 else 1))
-    # activations kept for backward per layer, bf16: ~ tokens x C x (34 + 5 * heads * tokens / C)
-    # without flash attention it is quadratic; with SDPA flash/efficient kernels ~34 bytes/elem.
-    act_layer = local_tok * C * 34 * (w_bytes / 2)
-    layers_here = L // p.pp
-    if p.recompute == "full":
-        act = local_tok * C * w_bytes * layers_here + act_layer
-    else:
-        act = act_layer * layers_here * (0.8 if p.recompute == "selective" else 1.0)
-    gib = 2**30
+    optim = per_device * (4 * (1 if p.bf16 else 0) + 8) / shard  # fp32 main copy (bf16) + Adam m, v
+    ema = per_device * 4 / shard if cfg.ema.decay > 0 else 0
+    act = activation_bytes(cfg, dit)
+    overhead, ceiling = flops_summary(cfg, dit)
+    D = dit.head_dim
+    n_full = recompute_layers(cfg, dit)
     lines = [
         OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip(),
         "---",
         f"model: {cfg.model.preset}  C={C} depth={L} heads={dit.num_heads}  parameters={total:,}",
         f"layout: tp={p.tp} pp={p.pp}{f' (vpp={p.vpp})' if p.vpp else ''} cp={p.cp} "
         f"dp={dp if dp else f'(world_size/{mp})'}  sp={p.sequence_parallel and p.tp > 1} "
-        f"backend={p.backend} bf16={p.bf16} recompute={p.recompute}",
+        f"backend={p.backend} bf16={p.bf16} recompute={p.recompute}"
+        + (f" ({n_full} of {L // (p.pp * (p.vpp or 1))} layers per chunk full)" if n_full else ""),
         f"parameters per device (heaviest stage): {per_device:,}",
-        f"memory estimate per device: weights {weights / gib:.1f} GiB, grads {grads / gib:.1f} GiB, "
-        f"optimizer {optim / gib:.1f} GiB, EMA {ema / gib:.1f} GiB, activations ~{act / gib:.1f} GiB "
-        f"({n_tok} tokens/micro-batch) -> total ~{(weights + grads + optim + ema + act) / gib:.1f} GiB",
+        f"memory estimate per device: weights {weights / GiB:.1f} GiB, grads {grads / GiB:.1f} GiB, "
+        f"optimizer {optim / GiB:.1f} GiB, EMA {ema / GiB:.1f} GiB, activations ~{act / GiB:.1f} GiB "
+        f"({cfg.data.token_budget} tokens/micro-batch) -> total ~{(weights + grads + optim + ema + act) / GiB:.1f} GiB",
+        f"recompute FLOPs overhead {overhead:.1%} of model FLOPs; MFU ceiling {ceiling:.1%} "
+        f"(recompute and head dim {D} padded to {attention_kernel_head_dim(D)} by the attention kernel "
+        f"counted as spent; sample {'x'.join(map(str, stage_sample(cfg)))})",
         f"example: a 720p 5 s clip (14x90x160 latent) is {num_tokens(14, 90, 160)} tokens",
     ]
     return "\n".join(lines)

@@ -10,13 +10,19 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from mugv.models.megatron.recompute import cheap
 from mugv.models.mugdit import MUGDiTConfig
 
 BACKENDS = ("local", "te")
 
 
-def gelu_tanh(x):
+def _gelu(x):
     return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh(x):
+    """The MLP activation; under selective recompute its output is rebuilt from its input."""
+    return cheap(_gelu, x)
 
 
 CP_ATTENTION = ("a2a", "allgather")
@@ -35,6 +41,9 @@ class MUGDiTTransformerConfig(TransformerConfig):
     backend: str = "local"
     # context-parallel self-attention for the SDPA core: all-to-all over heads (Ulysses) or all-gather KV
     cp_attention: str = "a2a"
+    # backend "te" only: the self-attention core is Transformer Engine's DotProductAttention
+    # (cuDNN/flash kernels, TE's own context parallelism) instead of the project's SDPA core
+    te_attention: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,6 +51,8 @@ class MUGDiTTransformerConfig(TransformerConfig):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cp_attention not in CP_ATTENTION:
             raise ValueError(f"cp_attention must be one of {CP_ATTENTION}, got {self.cp_attention!r}")
+        if self.te_attention and self.backend != "te":
+            raise ValueError("te_attention needs backend 'te' (Transformer Engine)")
         if self.fp8 and self.backend != "te":
             raise ValueError(f"fp8={self.fp8!r} needs backend 'te' (Transformer Engine linears)")
         if self.kv_channels % 6:
@@ -100,17 +111,22 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
         rope_theta=dit.rope_theta,
         rope_max_hw=dit.rope_max_hw,
         rope_max_t=dit.rope_max_t,
-        **{**_derived_defaults(parallel), **parallel},
+        **{**_derived_defaults(parallel, dit.depth), **parallel},
     )
 
 
-def _derived_defaults(parallel: dict) -> dict:
+def _derived_defaults(parallel: dict, depth: int) -> dict:
     out = {}
     if parallel.get("virtual_pipeline_model_parallel_size"):
         # interleaved pipelines exchange with unbatched, overlapped p2p (Megatron-LM's choice with
         # virtual stages; batched p2p mixed up activations and gradients under gloo)
         out.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    if parallel.get("recompute_granularity") == "full" and parallel.get("recompute_num_layers") is None:
+        # "block": the first recompute_num_layers layers of each pipeline chunk; default all of them
+        chunks = (parallel.get("pipeline_model_parallel_size") or 1) * (
+            parallel.get("virtual_pipeline_model_parallel_size") or 1
+        )
+        out.update(recompute_num_layers=depth // chunks)
     if parallel.get("recompute_granularity") == "full":
-        # mugv checkpoints every layer; these only satisfy TransformerConfig's checks
-        out.update(recompute_method="uniform", recompute_num_layers=1)
+        out.update(recompute_method="block")
     return out

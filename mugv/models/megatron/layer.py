@@ -2,11 +2,18 @@
 with context parallelism, per-frame adaLN modulation. Tensors are sequence-first [n, B, C].
 
 Which concrete linears/norms/cores are used is decided by a ModuleSpec (see spec.py).
+
+Memory: QK-norm + RoPE keeps only its (bf16) input in every mode; under `recompute: selective`
+(and in the layers `full` does not recompute) the LayerNorms + modulation, QK-norm + RoPE, GELU
+and layout copies are recomputed in backward from kept inputs (mugv.models.megatron.recompute),
+while every matrix multiply and the attention core run once. `saved_bytes` itemises what one
+layer keeps for backward; mugv.training.plan sums it and tests/test_memory_plan.py measures it.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +22,10 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mugv.models.layout import TokenLayout, apply_per_frame
 from mugv.models.megatron.comm import gather_seq, heads_to_seq, seq_to_heads
+from mugv.models.megatron.recompute import SelectiveRecompute, cheap, reuse
 from mugv.models.mugdit import _gate, _modulate
 from mugv.models.rope import apply_rope
 
@@ -31,8 +38,8 @@ class DiTContext:
     n_real: int  # N = T*S + 2; positions >= N are padding
     rope: torch.Tensor  # [n_cp, B, 1, D/2] angles of this rank's context-parallel chunk
     frame_mod: torch.Tensor  # [T+1, B, 6C] adaLN-single output per frame (row T: start/end)
-    text: torch.Tensor  # [Lt, B, C]
-    text_mask: torch.Tensor | None  # [B, Lt] bool, None when no padding
+    text: torch.Tensor  # [sum(text_lens), 1, C]: the real text tokens of all samples, packed
+    text_lens: list[int]  # per sample; cross-attention and its K/V projection see only these
 
 
 def tag(params, **attrs) -> None:
@@ -71,10 +78,10 @@ class SDPACoreAttention(MegatronModule):
             k, v = gather_seq(k, self.cp_group), gather_seq(v, self.cp_group)  # [N', B, h, D]
         k, v = k[:n_real], v[:n_real]
         out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, h, n, D]
-        out = out.permute(2, 0, 1, 3)  # [n, B, h, D]
         if a2a:
-            out = heads_to_seq(out, self.cp_group)
-        return out.reshape(n, B, h * D)
+            return heads_to_seq(out.permute(2, 0, 1, 3), self.cp_group).reshape(n, B, h * D)
+        to_seq = lambda o: o.permute(2, 0, 1, 3).reshape(n, B, h * D)  # [B, h, n, D] -> [n, B, h*D]
+        return reuse(to_seq(out), to_seq, out)
 
 
 @dataclass
@@ -111,12 +118,10 @@ class SelfAttention(MegatronModule):
         qkv, _ = self.linear_qkv(x)  # [n_cp, B, 3C/tp] (sequence-parallel input gathered)
         n, B = qkv.shape[:2]
         q, k, v = qkv.view(n, B, self.heads, 3, -1).unbind(3)  # each [n_cp, B, h, D]
-        q = apply_rope(self.q_layernorm(q), ctx.rope)
-        k = apply_rope(self.k_layernorm(k), ctx.rope)
-        if self.config.recompute_granularity == "selective":
-            out = checkpoint(self.core_attention, q, k, v, ctx.n_real, use_reentrant=False)
-        else:
-            out = self.core_attention(q, k, v, ctx.n_real)
+        # QK RMSNorm + RoPE keep only their bf16 input (a view of qkv) in every mode
+        q = cheap(lambda t, r: apply_rope(self.q_layernorm(t), r), q, ctx.rope, always=True)
+        k = cheap(lambda t, r: apply_rope(self.k_layernorm(t), r), k, ctx.rope, always=True)
+        out = self.core_attention(q, k, v, ctx.n_real)  # [n, B, C/tp]
         out, _ = self.linear_proj(out)  # [n, B, C] (reduce-scattered under sequence parallelism)
         return out
 
@@ -131,7 +136,7 @@ class CrossAttentionSubmodules:
 
 
 class CrossAttention(MegatronModule):
-    """Video tokens attend to the (replicated, unsplit) text tokens; padded text keys masked."""
+    """Video tokens attend to the (replicated, unsplit) real text tokens of their own sample."""
 
     def __init__(self, config, submodules: CrossAttentionSubmodules, layer_number: int = 1):
         super().__init__(config)
@@ -157,14 +162,24 @@ class CrossAttention(MegatronModule):
 
     def forward(self, x: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
         q, _ = self.linear_q(x)  # [n_cp, B, C/tp]
-        kv, _ = self.linear_kv(ctx.text)  # [Lt, B, 2C/tp], rows grouped per head [k_h, v_h]
+        kv, _ = self.linear_kv(ctx.text)  # [S, 1, 2C/tp] over the S packed real tokens, per head [k_h, v_h]
         n, B = q.shape[:2]
-        q = self.q_layernorm(q.view(n, B, self.heads, -1))
-        k, v = kv.view(kv.shape[0], B, self.heads, 2, -1).unbind(3)
-        k = self.k_layernorm(k)
-        mask = None if ctx.text_mask is None else ctx.text_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=mask)
-        out, _ = self.linear_proj(out.permute(2, 0, 1, 3).reshape(n, B, -1))
+        q = cheap(self.q_layernorm, q.view(n, B, self.heads, -1), always=True)  # [n, B, h, D]
+        k, v = kv.view(kv.shape[0], self.heads, 2, -1).unbind(2)  # each [S, h, D]
+        k = cheap(self.k_layernorm, k, always=True)
+        lens = ctx.text_lens
+        if len(set(lens)) == 1:  # equal lengths: one batched call
+            kb, vb = (t.view(B, lens[0], self.heads, -1).transpose(1, 2) for t in (k, v))  # [B, h, L, D]
+            out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), kb, vb)  # [B, h, n, D]
+        else:  # each sample against its own tokens, no padding
+            outs, lo = [], 0
+            for b, m in enumerate(lens):
+                kb, vb = (t[lo : lo + m].transpose(0, 1)[None] for t in (k, v))  # [1, h, m, D]
+                outs.append(F.scaled_dot_product_attention(q[:, b : b + 1].permute(1, 2, 0, 3), kb, vb))
+                lo += m
+            out = torch.cat(outs)  # [B, h, n, D]
+        to_seq = lambda o: o.permute(2, 0, 1, 3).reshape(n, B, -1)  # [n, B, C/tp]
+        out, _ = self.linear_proj(reuse(to_seq(out), to_seq, out))
         return out
 
 
@@ -194,19 +209,77 @@ class MUGDiTLayer(MegatronModule):
         # replicated over TP but seeing only this rank's tokens under sequence parallelism
         tag([self.scale_shift_table, *self.cross_attn_norm.parameters()], sequence_parallel=config.sequence_parallel)
 
+        # recompute the cheap parts: selective, and the layers `full` leaves out (recompute_layers)
+        self.selective = config.recompute_granularity in ("selective", "full")
+
     def _ln(self, z):
         return F.layer_norm(z, z.shape[-1:], eps=self.config.layernorm_epsilon)
 
     def forward(self, h: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
+        with SelectiveRecompute() if self.selective and torch.is_grad_enabled() else nullcontext():
+            return self._forward(h, ctx)
+
+    def _forward(self, h: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
         F1, B = ctx.frame_mod.shape[:2]
         mods = (self.scale_shift_table[None, None] + ctx.frame_mod.view(F1, B, 6, -1)).unbind(2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods  # each [T+1, B, C]
         lay = ctx.layout
-        x = apply_per_frame(self._ln(h), lay, _modulate, shift_msa, scale_msa, seq_dim=0)
+        ln_mod = lambda z, shift, scale: apply_per_frame(self._ln(z), lay, _modulate, shift, scale, seq_dim=0)
+        x = cheap(ln_mod, h, shift_msa, scale_msa)
         h = h + apply_per_frame(self.self_attention(x, ctx), lay, _gate, gate_msa, seq_dim=0)
-        h = h + self.cross_attention(self.cross_attn_norm(h), ctx)
-        x = apply_per_frame(self._ln(h), lay, _modulate, shift_mlp, scale_mlp, seq_dim=0)
-        out, bias = self.mlp(x)
+        h = h + self.cross_attention(cheap(self.cross_attn_norm, h), ctx)
+        out, bias = self.mlp(cheap(ln_mod, h, shift_mlp, scale_mlp))  # GELU: see config.gelu_tanh
         if bias is not None:
             out = out + bias
         return h + apply_per_frame(out, lay, _gate, gate_mlp, seq_dim=0)
+
+
+@dataclass(frozen=True)
+class SavedBytes:
+    """Bytes kept for backward, per token of this rank's context-parallel chunk (per sample), per
+    text token and per latent frame of a sample (+1 for the start/end row)."""
+
+    token: float
+    text_token: float
+    frame: float
+
+    def total(self, tokens: int, text_tokens: int, frames: int) -> float:
+        return self.token * tokens + self.text_token * text_tokens + self.frame * frames
+
+
+def saved_bytes(mode: str | None, elem: int, C: int, heads: int, tp: int = 1, sp: bool = False,
+                cp: int = 1, cp_attention: str = "a2a") -> SavedBytes:
+    """What one MUGDiT layer keeps for backward under recompute `mode` (None, "selective", or a
+    layer that `full` recomputes), activations of `elem` bytes (2 bf16, 4 fp32). Itemised from
+    the code above; tests/test_memory_plan.py measures it (TP = CP = 1).
+
+    R: residual-shaped [n/s, B, C] (s = tp under sequence parallelism, else 1);
+    H: head-shaped [n, B, C/tp] (outputs of column-parallel linears)."""
+    s = tp if sp and tp > 1 else 1
+    R, H = elem * C / s, elem * C / tp
+    lse = 2 * 4 * heads / tp  # fp32 log-sum-exp per head, self- and cross-attention
+    if mode == "full":  # the layer input only (rope, modulation and text are shared: see shared_saved_bytes)
+        return SavedBytes(R, 0.0, 0.0)
+    # kept in every mode: layer input h, h1 (cross-attn LN input), h2 (MLP LN input), the gate
+    # operands (proj output, fc2 output); qkv (3, v and the QK-norm inputs are views of it), the
+    # attention outputs (self, cross), the cross-attention q (QK-norm input), fc1 output (4, GELU input)
+    r, h = 5, 3 + 1 + 1 + 1 + 4
+    per_token = lse
+    text = 2 * H  # K/V of the text tokens (the K-norm input and V are views)
+    if mode is None:
+        # LN outputs (modulation operands, x2), inputs of linear_qkv, linear_q, fc1 (x3);
+        # normalised + rotated q, k and the cross-attention q (x3), GELU output (4)
+        r, h = r + 5, h + 3 + 4
+        per_token += 3 * 2 * elem / s  # LayerNorm mean / rstd
+        text += H  # normalised k
+    if cp > 1 and cp_attention == "a2a":
+        h += 4  # q, k, v after the all-to-all, and the output back before proj
+    elif cp > 1:
+        h += 2 * cp - (2 if mode is None else 0)  # gathered k, v (instead of the local rotated k)
+    return SavedBytes(r * R + h * H + per_token, text, 12 * C * elem)
+
+
+def shared_saved_bytes(elem: int, C: int, D: int) -> SavedBytes:
+    """Kept once for all layers of a chunk: RoPE angles (fp32), the text (packed real tokens),
+    the per-frame modulation."""
+    return SavedBytes(4 * D / 2, C * elem, 6 * C * elem)

@@ -9,6 +9,7 @@ parallel) or CP, split in contiguous chunks over CP and then over TP; see layout
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 
 import torch
@@ -123,8 +124,10 @@ class MUGDiTMegatron(MegatronModule):
         timestep, y = timestep.to(dt), y.to(dt)
         if y.dim() == 4:
             y = y.squeeze(1)  # [B, 1, Lt, Ct] -> [B, Lt, Ct]
-        text_mask = None if mask is None or bool(mask.all()) else mask.bool()
-        if text_mask is not None and not bool(text_mask.any(1).all()):
+        Lt = y.shape[1]
+        mask = torch.ones(B, Lt, dtype=torch.bool, device=y.device) if mask is None else mask.bool()
+        text_lens = mask.sum(1).tolist()  # (one host sync per forward)
+        if min(text_lens) == 0:
             raise ValueError("a sample has no valid text token (mask all False); encode at least EOS")
 
         # 1. conditioning: per-frame embeddings and modulation, text, RoPE angles of this CP chunk
@@ -133,12 +136,14 @@ class MUGDiTMegatron(MegatronModule):
         e0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
         frame_emb = frame_table(x_mask, e, e0).transpose(0, 1)  # [T+1, B, C]
         frame_mod = frame_table(x_mask, self.t_block(e), self.t_block(e0)).transpose(0, 1)  # [T+1, B, 6C]
-        text = self.y_embedder(y).transpose(0, 1)  # [Lt, B, C]
+        # text over the real tokens only, packed sample after sample: [sum(text_lens), 1, C]
+        real = y.reshape(B * Lt, -1) if min(text_lens) == Lt else y[mask]  # [S, Ct]
+        text = self.y_embedder(real)[:, None]
         pos = full.shard(cp_lo, cp_lo + n_cp).positions(frame_indices)  # [B, n_cp, 3]
         rope = rope_angles(pos, cfg.kv_channels, cfg.rope_theta, cfg.rope_max_t, cfg.rope_max_hw)
         rope = rope.transpose(0, 1)[:, :, None]  # [n_cp, B, 1, D/2]
         layout = full.shard(lo, lo + n_loc)
-        ctx = DiTContext(layout, N, rope, frame_mod, text, text_mask)
+        ctx = DiTContext(layout, N, rope, frame_mod, text, text_lens)
 
         # 2. this rank's slice of [start, video tokens, end, padding]
         if self.pre_process:
@@ -150,13 +155,8 @@ class MUGDiTMegatron(MegatronModule):
         else:
             h = self.input_tensor
 
-        # 3. layers (under Transformer Engine's FP8 autocast when config.fp8 is set)
-        for layer in self.layers:
-            with get_fp8_context(cfg, layer.layer_number - 1) if cfg.fp8 else nullcontext():
-                if cfg.recompute_granularity == "full" and torch.is_grad_enabled():
-                    h = checkpoint(layer, h, ctx, use_reentrant=False)
-                else:
-                    h = layer(h, ctx)
+        # 3. layers
+        h = run_layers(self.layers, h, ctx)
         if not self.post_process:
             return h
 
@@ -168,6 +168,28 @@ class MUGDiTMegatron(MegatronModule):
             out = gather_seq(out, parallel_state.get_context_parallel_group(), grad="slice")
         out = out[1 : N - 1].transpose(0, 1)  # [B, T*S, 4*Cout]
         return unpatchify(out, T, full.Hp, full.Wp, cfg.out_channels)[..., :H, :W].float()
+
+
+def run_layers(layers, h: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
+    """A chunk's layers. `full` recomputes the first recompute_num_layers of them whole in backward
+    (keeping only their inputs); the others recompute their cheap parts (see layer.py)."""
+    cfg = layers[0].config if len(layers) else None
+    n_full = cfg.recompute_num_layers if cfg and cfg.recompute_granularity == "full" and torch.is_grad_enabled() else 0
+    for i, layer in enumerate(layers):
+        if i < n_full:
+            h = checkpoint(_run_layer, layer, h, ctx.rope, ctx.frame_mod, ctx.text, ctx, use_reentrant=True, preserve_rng_state=False)
+        else:
+            h = _run_layer(layer, h, ctx.rope, ctx.frame_mod, ctx.text, ctx)
+    return h
+
+
+def _run_layer(layer, h, rope, frame_mod, text, ctx: DiTContext):
+    """One layer (under Transformer Engine's FP8 autocast when config.fp8 is set), its tensor
+    inputs explicit so that a reentrant checkpoint keeps and re-feeds them."""
+    cfg = layer.config
+    ctx = dataclasses.replace(ctx, rope=rope, frame_mod=frame_mod, text=text)
+    with get_fp8_context(cfg, layer.layer_number - 1) if cfg.fp8 else nullcontext():
+        return layer(h, ctx)
 
 
 def build_model_chunks(config: MUGDiTTransformerConfig, layer_spec: ModuleSpec | None = None) -> list:
