@@ -45,8 +45,9 @@ def test_batches_hold_the_stored_samples(ds):
         b = len(batch)
         t, h, w = (int(v) for v in batch.bucket.split("x"))
         assert batch.latents.shape == (b, 24, t, h, w) and batch.latents.dtype == torch.float32
+        L = max(1 + int(sid[1:]) % 6 for sid in batch.ids)  # the longest caption of the batch
         assert (
-            batch.y.shape == (b, 1, 8, 16) and batch.mask.shape == (b, 8) and batch.mask.dtype == torch.bool
+            batch.y.shape == (b, 1, L, 16) and batch.mask.shape == (b, L) and batch.mask.dtype == torch.bool
         )
         assert torch.equal(batch.frame_indices, torch.arange(t + 2).expand(b, -1))
         assert batch.pixel_size.tolist() == [[8 * h, 8 * w]] * b
@@ -125,7 +126,7 @@ def test_non_finite_sample_is_bad(tmp_path):
     t = load_file(shard)
     t["s000000.latent"][0, 0, 0, 1] = float("nan")
     save_file(t, shard)
-    loader = LatentLoader(cfg_for(root, token_budget=1000))
+    loader = LatentLoader(cfg_for(root, token_budget=1000, check_finite=True))
     batch = next(iter(loader))
     assert batch.skipped == ["s000000"] and sorted(batch.ids) == ["s000001", "s000002"]
     report = check_dataset(root)
@@ -174,7 +175,7 @@ def test_release_csv(tmp_path):
     batch = next(iter(loader))
     assert batch.bucket == "2x4x6" and len(batch) == 4 and batch.tasks == ["t2v"] * 4
     assert batch.pixel_size.tolist() == [[32, 48]] * 4 and batch.fps.tolist() == [24.0] * 4
-    assert batch.y.shape == (4, 1, 10, 16)  # text_len=0: longest in batch
+    assert batch.y.shape == (4, 1, 6, 16)  # trimmed to the longest caption (3 + k real tokens)
     pos = {sid: k for k, sid in enumerate(batch.ids)}
     assert [int(batch.mask[pos[f"video_{k:03d}"]].sum()) for k in range(4)] == [3, 4, 5, 6]
     base = os.path.dirname(path)

@@ -270,6 +270,6 @@ def test_mugv_prep_cli_with_real_tiny_encoders(tmp_path, monkeypatch):
     assert check_dataset(out).ok
     loader = LatentLoader(DataConfig(paths=[out], num_workers=0))
     batch = next(iter(loader))
-    assert batch.latents.shape == (1, 24, 3, 8, 14) and batch.y.shape == (1, 1, 300, 32)
+    assert batch.latents.shape == (1, 24, 3, 8, 14) and batch.y.shape == (1, 1, int(batch.mask.sum()), 32) < (1, 1, 300, 32)
     assert int(batch.mask.sum()) == len(b"a rabbit wakes up") + 1  # ByT5 bytes + EOS
     assert torch.isfinite(batch.latents).all() and batch.latents.std() > 0

@@ -2,8 +2,8 @@
 
 Every row: files exist, shard headers parse, the keys are present with the manifest's shapes and
 float/bool dtypes, pixel size / frame count agree with the latent shape, ids are unique, tasks
-are known. On a deterministic sample of rows the tensors are loaded and checked for finite
-values. Release CSVs get the same checks through their .pt files.
+are known. On a deterministic sample of rows (value_samples; -1: every row) the tensors are
+loaded and checked for finite values. Release CSVs get the same checks through their .pt files.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def check_dataset(path: str, value_samples: int = 32, seed: int = 0) -> CheckRep
             bad_ids.update(r.id for r in recs)
     candidates = [r for r in records if r.id not in bad_ids]
     reader = TensorReader(open_files=4)
-    for rec in random.Random(seed).sample(candidates, min(value_samples, len(candidates))):
+    n_values = len(candidates) if value_samples < 0 else min(value_samples, len(candidates))
+    for rec in random.Random(seed).sample(candidates, n_values):
         try:
             latent, y, _ = reader.load(rec, normalize=False)
             if not latent.isfinite().all():

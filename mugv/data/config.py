@@ -49,12 +49,16 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = False
-    text_len: int = 300  # pad text to this many tokens (T5 max length); 0 = longest in batch
+    text_len: int = 300  # cap on text tokens (T5 max length; 0 = none); a batch is as long as its longest caption
     default_fps: float = 24.0  # fps of samples that carry none (release CSV rows)
     release_vae_stats: str = (
         ""  # file with `shift`/`scale` [1,24,1,1,1] (e.g. vae.pt) for release "real" rows
     )
-    check_finite: bool = True  # treat non-finite latents/text as bad samples
+    # check every loaded sample for non-finite values on the host (a bad one is skipped and refilled).
+    # Off by default: `mugv prep` writes only finite latents and text, `mugv data check --all`
+    # verifies a dataset, and a non-finite batch that still gets through makes a non-finite loss,
+    # which the trainer's guard skips (naming the sample ids).
+    check_finite: bool = False
     max_bad_fraction: float = 0.01  # stop the run past this fraction of bad samples ...
     bad_grace_samples: int = 200  # ... once at least this many samples were attempted
     open_files: int = 8  # shard files kept open per worker

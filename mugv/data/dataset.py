@@ -85,11 +85,12 @@ class LatentDataset:
         return self._pool
 
     def _alloc(
-        self, specs: list[tuple[tuple[int, ...], torch.dtype]], segs: list[Segment]
+        self, specs: list[tuple[tuple[int, ...], torch.dtype]], segs: list[Segment], reserve: int = 0
     ) -> list[torch.Tensor]:
-        """Tensors of the given (shape, dtype) in one buffer of the pool (appended to `segs`)."""
+        """Tensors of the given (shape, dtype) in one buffer of the pool (appended to `segs`) of at
+        least `reserve` bytes (so that batches of one bucket reuse one size of buffer)."""
         pool = self._pool_here()
-        seg = pool.take(carved_nbytes(specs))
+        seg = pool.take(max(carved_nbytes(specs), reserve))
         segs.append(seg)
         return carve(seg.storage if pool.shared else pool.hand_out(seg), specs)
 
@@ -176,8 +177,10 @@ class LatentDataset:
     ):
         recs = [self.records[i] for i, _, _, _ in loaded]
         b, t = latents.shape[0], latents.shape[2]
-        lengths = [min(y.shape[0], self.cfg.text_len or y.shape[0]) for _, _, y, _ in loaded]
-        L = self.cfg.text_len or max(lengths)
+        # text up to each sample's last real token, capped at text_len; the batch is as long as its
+        # longest caption (the model's cross-attention then sees only the real tokens)
+        lengths = [_text_length(mk, self.cfg.text_len) for _, _, _, mk in loaded]
+        L = max(lengths)
         specs = [
             ((b, 1, L, loaded[0][2].shape[1]), torch.float32),  # y
             ((b, L), torch.bool),  # mask
@@ -186,13 +189,16 @@ class LatentDataset:
             ((b, t + 2), torch.long),  # frame_indices
             ((b, 2), torch.long),  # pixel_size
         ]
-        y, mask, x_mask, fps, frame_indices, pixel_size = self._alloc(specs, segs)
-        # buffers are reused, so every value is written; numpy: single-threaded (see _all_finite)
-        yn, mn = y.numpy(), mask.numpy()
+        cap = self.cfg.text_len  # buffers sized for the cap: captions vary, the buffer need not
+        reserve = carved_nbytes([((b, 1, cap, specs[0][0][3]), torch.float32), ((b, cap), torch.bool), *specs[2:]])
+        y, mask, x_mask, fps, frame_indices, pixel_size = self._alloc(specs, segs, reserve if cap else 0)
+        # buffers are reused, so every value is written
         for k, (_, _, yk, mk) in enumerate(loaded):
             n = lengths[k]
-            yn[k, 0, :n], yn[k, 0, n:] = yk[:n].numpy(), 0
-            mn[k, :n], mn[k, n:] = mk[:n].numpy(), False
+            y[k, 0, :n].copy_(yk[:n])  # (converts a stored bf16 caption)
+            y[k, 0, n:].zero_()
+            mask[k, :n].copy_(mk[:n])
+            mask[k, n:] = False
         tasks = [task for _, task, _, _ in loaded]
         x_mask.fill_(True)
         for k, task in enumerate(tasks):
@@ -218,10 +224,17 @@ class LatentDataset:
         )
 
 
+def _text_length(mask: torch.Tensor, cap: int) -> int:
+    """Tokens up to and including the last real one (at least 1), capped at `cap` (0: no cap)."""
+    real = mask.nonzero()
+    n = int(real[-1]) + 1 if len(real) else 1
+    return min(n, cap) if cap else n
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass: a sum is non-finite iff a value is (or the sum
     overflows, which latents and text features never do). Single-threaded: on a few busy cores
     torch's parallel reduction waits on its other threads far longer than the pass takes."""
-    if torch.get_num_threads() == 1:
+    if torch.get_num_threads() == 1 or t.dtype == torch.bfloat16:  # (numpy has no bfloat16)
         return bool(torch.isfinite(t.sum()))
     return bool(np.isfinite(np.sum(t.numpy())))

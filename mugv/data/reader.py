@@ -99,12 +99,12 @@ class TensorReader:
         return shard
 
     def load_into(self, rec: SampleRecord, out: torch.Tensor, normalize: bool = True):
-        """Latent of `rec` into `out` [C, T, H, W] (float32); returns (y [L, Ct] float32, mask [L] bool).
+        """Latent of `rec` into `out` [C, T, H, W] (float32); returns (y [L, Ct] as stored, mask [L] bool).
         Raises on any problem. normalize=False leaves release "real" latents raw."""
         if rec.latent_key:
             shard = self._shard(rec.latent_file)
             shard.read(rec.latent_key, out)
-            y, mask = shard.read(rec.y_key).float(), shard.read(rec.mask_key).bool()
+            y, mask = shard.read(rec.y_key), shard.read(rec.mask_key).bool()
         else:
             latent = load_pt_latent(rec.latent_file)
             if tuple(latent.shape) != tuple(out.shape):

@@ -5,6 +5,8 @@ gradient finalisation -> distributed optimizer."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
@@ -38,6 +40,14 @@ def build_megatron_config(cfg: TrainConfig, dit: MUGDiTConfig) -> MUGDiTTransfor
     )
 
 
+def use_distributed_optimizer(cfg: TrainConfig) -> bool:
+    """parallel.distributed_optimizer where it shards anything: with a single data(+context)-
+    parallel rank it would only reduce-scatter and all-gather the whole buffer onto itself."""
+    if not cfg.parallel.distributed_optimizer or not dist.is_initialized():
+        return cfg.parallel.distributed_optimizer
+    return dist.get_world_size(parallel_state.get_data_parallel_group(with_context_parallel=True)) > 1
+
+
 def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.device) -> list:
     """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP."""
     chunks = [c.to(device) for c in build_model_chunks(mcfg)]
@@ -45,7 +55,7 @@ def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.d
         chunks = [Float16Module(mcfg, c) for c in chunks]
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         bucket_size=cfg.parallel.bucket_size,
@@ -77,7 +87,7 @@ def build_optimizer(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, model: list
         clip_grad=o.clip_grad,
         bf16=mcfg.bf16,
         params_dtype=mcfg.params_dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
         overlap_param_gather_with_optimizer_step=False,
     )
     return get_megatron_optimizer(ocfg, model)

@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
@@ -117,12 +118,14 @@ class Trainer:
         losses = [r["loss"] for r in results]  # only the last pipeline stage has them
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
         found_inf = self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
+        grad_norm = float(self.optimizer.get_grad_norm())  # the one grad-norm reduction of the step
         ids = [i for b in batches for i in b.ids]
         applied = self.guard.check(self.step, float("nan") if found_inf else loss, grad_norm, ids)
         if applied:
-            if self.cfg.optim.clip_grad > 0:
-                self.optimizer.clip_grad_norm(self.cfg.optim.clip_grad)
+            clip = self.cfg.optim.clip_grad
+            if clip > 0:
+                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                    clip_grad_by_total_norm_fp32(opt.get_parameters(), clip, grad_norm)
             self.optimizer.step_with_ready_grads()
             if self.ema is not None:
                 self.ema.update()

@@ -154,6 +154,8 @@ def run_prep(
 
 def _prep_item(cfg, item: PrepItem, y, mask, table, vae, writer, source, device, summary) -> None:
     try:
+        if not torch.isfinite(y).all():
+            raise MediaError("encode_error", "text encoder returned non-finite features")
         if is_image(item.path):
             clips = read_image(item.path, table, cfg.fps)
         else:
