@@ -7,7 +7,8 @@ one per micro-batch under the default token budget), then measures, each from a 
 (the files are evicted with posix_fadvise) and again warm:
   raw    - reading every shard file start to end (MiB/s of file bytes),
   loader - LatentLoader batches as the trainer receives them, in steady state (samples/s, and
-           MiB/s of the float32 latent + padded text payload it delivers),
+           MiB/s of the stored bytes it read: each delivered sample's latent, text and mask as
+           they are in the shard, not the padded or converted batch tensors),
 and prints loader / raw (the median of --repeats runs; each run's numbers are printed too).
 
 Steady state: the loader first delivers `warm-up` batches (workers * (prefetch_factor + 2), at
@@ -57,7 +58,21 @@ def raw_read(files: list[str], chunk: int = 16 << 20) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def loader_read(root: str, workers: int, cold_files: list[str] | None) -> tuple[float, float, int, int]:
+def stored_bytes(files: list[str]) -> dict[str, int]:
+    """Sample id -> bytes of its latent, text and mask in the shard files."""
+    from mugv.data.reader import _Shard
+
+    out: dict[str, int] = {}
+    for path in files:
+        shard = _Shard(path)
+        for key, (_, _, start, end) in shard.entries.items():
+            sid = key.rsplit(".", 1)[0]
+            out[sid] = out.get(sid, 0) + end - start
+        shard.close()
+    return out
+
+
+def loader_read(root: str, workers: int, cold_files: list[str] | None, sizes: dict[str, int]) -> tuple[float, float, int, int]:
     """-> (seconds of start-up and warm-up, seconds timed, samples timed, bytes timed); with
     `cold_files`, those are evicted after the warm-up (see the module docstring)."""
     cfg = DataConfig(paths=[root], num_workers=workers, text_len=300, seed=0)
@@ -80,7 +95,7 @@ def loader_read(root: str, workers: int, cold_files: list[str] | None) -> tuple[
     n = nbytes = 0
     for batch in itertools.islice(it, timed):
         n += len(batch)
-        nbytes += batch.latents.numel() * 4 + batch.y.numel() * 4
+        nbytes += sum(sizes[i] for i in batch.ids)
     return t1 - t0, time.perf_counter() - t1, n, nbytes
 
 
@@ -102,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         files = sorted(glob.glob(os.path.join(root, "shards", "*.safetensors")))
         size = sum(os.path.getsize(f) for f in files)
+        sizes = stored_bytes(files)
         print(
             f"wrote {args.samples} samples of {SHAPE} ({size / 2**20:.0f} MiB in {len(files)} shards) "
             f"in {time.perf_counter() - t0:.1f} s to {root}"
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     raw_read(files)  # all cached, also what the last cold run evicted
                 dt, nb = raw_read(files)
                 raw = nb / dt / 2**20
-                startup, dt, n, lb = loader_read(root, args.workers, files if cache == "cold" else None)
+                startup, dt, n, lb = loader_read(root, args.workers, files if cache == "cold" else None, sizes)
                 mbs = lb / dt / 2**20
                 ratios.append(mbs / raw)
                 print(

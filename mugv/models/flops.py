@@ -72,7 +72,7 @@ def mugdit_flops_per_sample(
     for name, value in (("T", T), ("H", H), ("W", W), ("text_len", text_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"mugdit_flops_per_sample: {name} must be a positive int, got {value!r}")
-    C, L, r = config.hidden_size, text_len, config.mlp_ratio
+    C, L = config.hidden_size, text_len
     S = _ceil_div(H, PATCH[1]) * _ceil_div(W, PATCH[2])
     N = T * S + 2
     patch_in = PATCH[0] * PATCH[1] * PATCH[2] * config.in_channels

@@ -118,9 +118,9 @@ class SelfAttention(MegatronModule):
         qkv, _ = self.linear_qkv(x)  # [n_cp, B, 3C/tp] (sequence-parallel input gathered)
         n, B = qkv.shape[:2]
         q, k, v = qkv.view(n, B, self.heads, 3, -1).unbind(3)  # each [n_cp, B, h, D]
-        # QK RMSNorm + RoPE keep only their bf16 input (a view of qkv) in every mode
-        q = cheap(lambda t, r: apply_rope(self.q_layernorm(t), r), q, ctx.rope, always=True)
-        k = cheap(lambda t, r: apply_rope(self.k_layernorm(t), r), k, ctx.rope, always=True)
+        # QK RMSNorm + RoPE: under recompute they keep only their bf16 input (a view of qkv)
+        q = cheap(lambda t, r: apply_rope(self.q_layernorm(t), r), q, ctx.rope)
+        k = cheap(lambda t, r: apply_rope(self.k_layernorm(t), r), k, ctx.rope)
         out = self.core_attention(q, k, v, ctx.n_real)  # [n, B, C/tp]
         out, _ = self.linear_proj(out)  # [n, B, C] (reduce-scattered under sequence parallelism)
         return out
@@ -164,9 +164,9 @@ class CrossAttention(MegatronModule):
         q, _ = self.linear_q(x)  # [n_cp, B, C/tp]
         kv, _ = self.linear_kv(ctx.text)  # [S, 1, 2C/tp] over the S packed real tokens, per head [k_h, v_h]
         n, B = q.shape[:2]
-        q = cheap(self.q_layernorm, q.view(n, B, self.heads, -1), always=True)  # [n, B, h, D]
+        q = cheap(self.q_layernorm, q.view(n, B, self.heads, -1))  # [n, B, h, D]
         k, v = kv.view(kv.shape[0], self.heads, 2, -1).unbind(2)  # each [S, h, D]
-        k = cheap(self.k_layernorm, k, always=True)
+        k = cheap(self.k_layernorm, k)
         lens = ctx.text_lens
         if len(set(lens)) == 1:  # equal lengths: one batched call
             kb, vb = (t.view(B, lens[0], self.heads, -1).transpose(1, 2) for t in (k, v))  # [B, h, L, D]
@@ -256,7 +256,7 @@ def saved_bytes(mode: str | None, elem: int, C: int, heads: int, tp: int = 1, sp
     R: residual-shaped [n/s, B, C] (s = tp under sequence parallelism, else 1);
     H: head-shaped [n, B, C/tp] (outputs of column-parallel linears)."""
     s = tp if sp and tp > 1 else 1
-    R, H = elem * C / s, elem * C / tp
+    R, H, D = elem * C / s, elem * C / tp, C // heads
     lse = 2 * 4 * heads / tp  # fp32 log-sum-exp per head, self- and cross-attention
     if mode == "full":  # the layer input only (rope, modulation and text are shared: see shared_saved_bytes)
         return SavedBytes(R, 0.0, 0.0)
@@ -268,10 +268,11 @@ def saved_bytes(mode: str | None, elem: int, C: int, heads: int, tp: int = 1, sp
     text = 2 * H  # K/V of the text tokens (the K-norm input and V are views)
     if mode is None:
         # LN outputs (modulation operands, x2), inputs of linear_qkv, linear_q, fc1 (x3);
-        # normalised + rotated q, k and the cross-attention q (x3), GELU output (4)
-        r, h = r + 5, h + 3 + 4
-        per_token += 3 * 2 * elem / s  # LayerNorm mean / rstd
-        text += H  # normalised k
+        # normalised + rotated q, k and the cross-attention q (x3), GELU output (4); QK-norm and
+        # RoPE internals: fp32 copies of q, k and the cross q (bf16 only) and the normalised q, k
+        r, h = r + 5, h + 3 + 4 + (9 if elem == 2 else 3)
+        per_token += 3 * 2 * elem / s + 3 * 4 * heads / tp + 2 * 2 * 4 * D / 2  # LN stats, RMS rsqrt, RoPE cos/sin
+        text += (3 if elem == 2 else 1) * H  # k-norm: fp32 copy and the normalised k
     if cp > 1 and cp_attention == "a2a":
         h += 4  # q, k, v after the all-to-all, and the output back before proj
     elif cp > 1:

@@ -94,7 +94,7 @@ class MUGDiTMegatron(MegatronModule):
             tag([*self.x_embedder.parameters(), self.start_token, self.end_token],
                 sequence_parallel=config.sequence_parallel)
         self.layer_offset, count = layer_range(config, vp_stage)
-        spec = layer_spec or get_layer_spec(config.backend)
+        spec = layer_spec or get_layer_spec(config.backend, config.te_attention)
         self.layers = nn.ModuleList(
             build_module(spec, config=config, layer_number=self.layer_offset + i + 1) for i in range(count)
         )

@@ -3,18 +3,23 @@
 local: Megatron Column/RowParallelLinear, torch LayerNorm, the project's SDPA attention core.
        Runs everywhere (CPU + gloo included).
 te:    Transformer Engine linears and LayerNorm (FP8-capable), for GPUs with TE installed;
-       imported only when asked for. QK RMSNorm keeps the release's bf16 rounding order and the
-       attention core stays the project's SDPA core (exact with padding, CP via a2a/all-gather).
+       imported only when asked for. QK RMSNorm keeps the release's bf16 rounding order. The
+       self-attention core is the project's SDPA core, or with `te_attention` Transformer
+       Engine's DotProductAttention (cuDNN / flash kernels); both slice padding keys off and do
+       context parallelism through the project's Ulysses all-to-all or KV all-gather.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from mugv.models.megatron.comm import gather_seq, heads_to_seq, seq_to_heads
 from mugv.models.megatron.layer import (
     AffineLayerNorm,
     CrossAttention,
@@ -28,14 +33,43 @@ from mugv.models.megatron.layer import (
 from mugv.models.mugdit import HeadRMSNorm
 
 
-def _layer_spec(column, row, layer_norm) -> ModuleSpec:
+class TECoreAttention(MegatronModule):
+    """Transformer Engine's DotProductAttention as the self-attention core: the same contract as
+    SDPACoreAttention (q, k, v [n, B, h, D] of this CP chunk -> [n, B, h*D])."""
+
+    def __init__(self, config, **_):
+        super().__init__(config)
+        from transformer_engine.pytorch import DotProductAttention
+
+        cp = config.context_parallel_size
+        self.mode = config.cp_attention
+        self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
+        heads = config.num_attention_heads // config.tensor_model_parallel_size
+        heads //= cp if cp > 1 and self.mode == "a2a" else 1
+        self.attn = DotProductAttention(heads, config.kv_channels, attention_dropout=0.0, qkv_format="sbhd",
+                                        attn_mask_type="no_mask")
+
+    def forward(self, q, k, v, n_real: int):
+        n, B, h, D = q.shape
+        a2a = self.cp_group is not None and self.mode == "a2a"
+        if a2a:
+            q, k, v = (seq_to_heads(t, self.cp_group) for t in (q, k, v))  # [N', B, h/cp, D]
+        elif self.cp_group is not None:
+            k, v = gather_seq(k, self.cp_group), gather_seq(v, self.cp_group)
+        out = self.attn(q.contiguous(), k[:n_real].contiguous(), v[:n_real].contiguous())  # [n', B, h'*D]
+        if a2a:
+            out = heads_to_seq(out.view(out.shape[0], B, -1, D), self.cp_group)
+        return out.reshape(n, B, h * D)
+
+
+def _layer_spec(column, row, layer_norm, core=SDPACoreAttention) -> ModuleSpec:
     return ModuleSpec(
         module=MUGDiTLayer,
         submodules=MUGDiTLayerSubmodules(
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column, core_attention=SDPACoreAttention, linear_proj=row,
+                    linear_qkv=column, core_attention=core, linear_proj=row,
                     q_layernorm=HeadRMSNorm, k_layernorm=HeadRMSNorm,
                 ),
             ),
@@ -52,7 +86,7 @@ def _layer_spec(column, row, layer_norm) -> ModuleSpec:
     )
 
 
-def get_layer_spec(backend: str = "local") -> ModuleSpec:
+def get_layer_spec(backend: str = "local", te_attention: bool = False) -> ModuleSpec:
     if backend == "local":
         return _layer_spec(ColumnParallelLinear, RowParallelLinear, AffineLayerNorm)
     if backend == "te":
@@ -67,6 +101,7 @@ def get_layer_spec(backend: str = "local") -> ModuleSpec:
             TERowParallelLinear,
         )
 
-        return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TENorm)
+        return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TENorm,
+                           TECoreAttention if te_attention else SDPACoreAttention)
     raise ValueError(f"unknown backend {backend!r}; expected 'local' or 'te'")
 
