@@ -18,7 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 TRAIN_YAMLS = sorted(glob.glob(f"{CONFIGS}/model/*.yaml") + glob.glob(f"{CONFIGS}/stages/*.yaml"))
 CURRICULA = sorted(glob.glob(f"{CONFIGS}/curriculum/*.yaml"))
-GiB_80 = 80.0  # GiB per device on an 80 GB GPU (A100/H100 80GB report ~79.1 GiB usable: stay below)
 
 
 def test_configs_present():
@@ -66,7 +65,7 @@ def test_10b_stages_fit_80gb_with_their_recommended_layouts(tmp_path):
         assert s.nproc == 8 and p.tp * p.cp <= 8, s.name  # TP/CP groups stay inside a node
         text = describe(s.cfg, s.world_size)
         total = float(re.search(r"-> total ~([\d.]+) GiB", text).group(1))
-        assert 20.0 < total < GiB_80, (s.name, total)
+        assert 20.0 < total <= 72.0, (s.name, total)  # 8 GiB of an 80 GB GPU left for buffers
         with open(s.config_path) as f:  # the comment quotes the current estimate
             assert f"-> ~{total:.1f} GiB" in f.read(), (s.name, total)
     assert stages[3].cfg.data.token_budget == 50402  # one 720p 105-frame clip per micro-batch

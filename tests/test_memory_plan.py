@@ -29,7 +29,7 @@ def measure_worker(rank, world):
     T, Hp, Wp, B, lens = SHAPE["T"], SHAPE["Hp"], SHAPE["Wp"], SHAPE["B"], list(SHAPE["L"])
     lay = TokenLayout(T, Hp, Wp)
     n, C, D = lay.N, dit.hidden_size, dit.head_dim
-    out = {}
+    out, weights = {}, None
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         h0 = torch.randn(n, B, C, generator=g)
@@ -40,7 +40,8 @@ def measure_worker(rank, world):
             cfg = megatron_config(dit, recompute_granularity=mode, bf16=dtype == torch.bfloat16,
                                   params_dtype=dtype, pipeline_dtype=dtype)
             layer = build_module(get_layer_spec("local"), config=cfg, layer_number=1)
-            weights = weights if mode else {k: v.clone() for k, v in layer.state_dict().items() if v is not None}
+            if weights is None:  # every layer gets the same weights
+                weights = {k: v.clone() for k, v in layer.state_dict().items() if v is not None}
             layer.load_state_dict(weights, strict=False)
             layer = layer.to(dtype)
             h, fm, text = (t.to(dtype).requires_grad_() for t in (h0, fm0, text0))
@@ -48,7 +49,7 @@ def measure_worker(rank, world):
             params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
             kept: dict[int, int] = {}
 
-            def pack(t):
+            def pack(t, params=params, kept=kept):
                 st = t.untyped_storage()
                 if st.data_ptr() not in params:
                     kept[st.data_ptr()] = st.nbytes()

@@ -26,19 +26,19 @@ from types import SimpleNamespace
 import torch
 
 
-def make_batch(dit, frames: int, size: int, text: int, seed: int = 0):
+def make_batch(dit, frames: int, H: int, W: int, text: int, seed: int = 0):
     from mugv.data.batch import LatentBatch
 
     g = torch.Generator().manual_seed(seed)
     return LatentBatch(
-        latents=torch.randn(1, dit.in_channels, frames, size, size, generator=g),
+        latents=torch.randn(1, dit.in_channels, frames, H, W, generator=g),
         y=torch.randn(1, 1, text, dit.caption_channels, generator=g),
         mask=torch.ones(1, text, dtype=torch.bool),
         x_mask=torch.ones(1, frames, dtype=torch.bool),
         fps=torch.tensor([24.0]),
         frame_indices=torch.arange(frames + 2)[None],
-        pixel_size=torch.tensor([[8 * size, 8 * size]]),
-        tasks=["t2v"], bucket=f"{frames}x{size}x{size}", ids=["s0"], planned=1, stream_index=0,
+        pixel_size=torch.tensor([[8 * H, 8 * W]]),
+        tasks=["t2v"], bucket=f"{frames}x{H}x{W}", ids=["s0"], planned=1, stream_index=0,
     )
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     o = cfg.optim
     adamw = torch.optim.AdamW(plain.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    batch = make_batch(dit, args.frames, args.size, args.text)
+    batch = make_batch(dit, args.frames, args.size, args.size, args.text)
 
     def megatron_step():
         return Trainer.train_step(trainer, [batch])["loss"]
