@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
+    from mugv.checkpoint.keys import unwrap
     from mugv.diffusion import flow_loss
     from mugv.models import MUGDiT
-    from mugv.models.megatron.checkpoint import unwrap
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.runtime import init_distributed
     from mugv.training.build import (

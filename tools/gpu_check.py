@@ -129,8 +129,8 @@ def attention(dev, D: int = 72, heads: int = 16, n: int = 8192) -> None:
 
 
 def train(preset: str, sizes: list[tuple[int, int, int]], dev, cpu: bool) -> None:
+    from mugv.checkpoint.keys import unwrap
     from mugv.models.flops import mugdit_flops_per_sample, peak_bf16_flops
-    from mugv.models.megatron.checkpoint import unwrap
     from mugv.training.build import build_megatron_config, build_model, build_optimizer
     from mugv.training.config import ModelConfig, TrainConfig
     from mugv.training.guards import NonFiniteGuard
