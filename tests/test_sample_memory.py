@@ -9,8 +9,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mugv.cli.main import main as cli
+from mugv.models.memory import dit_activation_bytes
 from mugv.models.mugdit import MUGDiT, MUGDiTConfig
-from mugv.sample_memory import GIB, count_parameters, dit_activation_bytes
+from mugv.sample_memory import GIB, count_parameters
 from mugv.text import make_tiny_t5
 from tests.conftest import tiny_model
 

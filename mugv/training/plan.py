@@ -20,6 +20,7 @@ from mugv.data.buckets import num_tokens
 from mugv.models import MUGDiT, MUGDiTConfig
 from mugv.models.flops import attention_kernel_head_dim, block_flops_per_sample, mugdit_flops_per_sample
 from mugv.models.megatron.layer import saved_bytes, shared_saved_bytes
+from mugv.models.memory import dit_activation_bytes
 from mugv.training.config import TrainConfig
 
 GiB = 2**30
@@ -136,4 +137,20 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
         f"counted as spent; sample {'x'.join(map(str, stage_sample(cfg)))})",
         f"example: a 720p 5 s clip (14x90x160 latent) is {num_tokens(14, 90, 160)} tokens",
     ]
+    if cfg.preview.interval > 0 and cfg.preview.prompts:
+        lines.append(preview_line(cfg, dit, act))
     return "\n".join(lines)
+
+
+def preview_line(cfg: TrainConfig, dit, train_act: float) -> str:
+    """A preview samples the live model forward-only (no saved activations, no second model):
+    its live activations replace the step's, which are freed by then."""
+    pv, p = cfg.preview, cfg.parallel
+    rows = len(pv.prompts) * (2 if pv.sampler.guidance_scale != 1.0 else 1)  # CFG: cond + uncond
+    shards = p.cp * (p.tp if p.sequence_parallel and p.tp > 1 else 1)  # the sequence is split
+    dtype = torch.bfloat16 if p.bf16 else torch.float32
+    act = dit_activation_bytes(dit, tuple(pv.latent_shape), rows, dtype) / shards
+    verdict = "within" if act <= train_act else "ABOVE"
+    return (f"preview: {rows} rows of a {'x'.join(map(str, pv.latent_shape))} latent, forward-only: "
+            f"~{act / GiB:.2f} GiB of activations per device ({verdict} the training step's "
+            f"~{train_act / GiB:.1f} GiB); rank 0 also loads the autoencoder to decode")
