@@ -25,6 +25,8 @@ def test_dp2_each_rank_writes_its_own_share(tmp_path):
     assert max(written) <= 1.3 * min(written), written
     # nothing written twice or left out: 20 bytes per parameter (weights, main, 2 moments, EMA)
     assert abs(sum(written) - 20 * results[0]["params"]) <= 0.01 * sum(written), (written, results[0]["params"])
+    print("written per rank", written, "params", results[0]["params"],
+          "save/load extra MB", [(r["save_extra"] // MB, r["load_extra"] // MB) for r in results])
     for r in results:  # sampled RSS above the training baseline
         assert r["save_extra"] <= 1.5 * r["bytes"] + 32 * MB, r
         assert r["load_extra"] <= 1.5 * r["bytes"] + 32 * MB, r
@@ -89,6 +91,8 @@ def test_preview_samples_the_live_model_at_tp2(tmp_path):
     want = sample_latents(model, T5TextEncoder(t5), prompts, (2, 4, 6), negative_prompt=s.negative_prompt,
                           steps=3, guidance=s.guidance_scale, seed=4, fps=s.fps, prompt_suffix=s.prompt_suffix)
     assert got.shape == want.shape == (2, 24, 2, 4, 6)
+    print(f"preview vs sampling the exported EMA: max abs diff {(got - want).abs().max():.3e} "
+          f"(max |latent| {want.abs().max():.3f})")
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
 
 
@@ -108,6 +112,7 @@ def test_one_failing_rank_ends_the_job(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     elapsed = time.monotonic() - t0
+    print(f"one failing rank: the job ended in {elapsed:.1f} s with exit code {proc.returncode}")
     assert proc.returncode != 0, out[-3000:]
     assert "rank 1 failed: RuntimeError: injected failure in step 3" in out, out[-3000:]
     assert elapsed < 60, elapsed
