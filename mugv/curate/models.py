@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 
+from mugv.config.loader import ConfigError
 from mugv.curate.config import ModelConfig
 
 _LOADED: dict[tuple[str, str], object] = {}  # per-process cache: (kind, directory) -> model
@@ -37,9 +38,9 @@ def read_spec(path: str) -> dict:
         try:
             spec = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from None
+            raise ConfigError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(spec, dict) or ":" not in str(spec.get("loader", "")):
-        raise ValueError(f'{file}: needs "loader": "package.module:function"')
+        raise ConfigError(f'{file}: needs "loader": "package.module:function"')
     return spec
 
 
@@ -51,7 +52,7 @@ def load_model(m: ModelConfig):
         try:
             loader = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"{m.path}/curate_model.json: loader {spec['loader']!r}: {err}") from None
+            raise ConfigError(f"{m.path}/curate_model.json: loader {spec['loader']!r}: {err}") from None
         _LOADED[key] = loader(m.path, spec)
     return _LOADED[key]
 
