@@ -86,15 +86,24 @@ def test_shots_filters_duplicates_summary(curated):
     ids = sorted(i for i in rows if i.startswith("joined.mp4"))
     assert ids == ["joined.mp4[111:144]", "joined.mp4[1:34]", "joined.mp4[51:84]", "joined.mp4[84:101]"]
     assert all(rows[i]["keep"] for i in ids)
-    assert rows["blurred.mp4[1:34]"]["reasons"] == "sharpness" and rows["blurred.mp4[1:34]"]["sharpness"] < 200
+    assert (
+        rows["blurred.mp4[1:34]"]["reasons"] == "sharpness" and rows["blurred.mp4[1:34]"]["sharpness"] < 200
+    )
     frozen = rows["frozen.mp4[1:34]"]
-    assert "motion" in frozen["reasons"].split(",") and frozen["motion"] < 1 and frozen["frozen_fraction"] == 1
+    assert (
+        "motion" in frozen["reasons"].split(",") and frozen["motion"] < 1 and frozen["frozen_fraction"] == 1
+    )
     boxed = rows["letterboxed.mp4[1:34]"]
     assert boxed["reason"] == "border" and boxed["border_fraction"] == pytest.approx(60 / 180, abs=0.02)
     dup = rows["joined_dup.mp4[1:34]"]
     assert (dup["reason"], dup["duplicate_of"]) == ("duplicate", "joined.mp4[1:34]")
     assert (rows["broken.mp4"]["reason"], rows["broken.mp4"]["clip"]) == ("unreadable", -1)
-    assert (summary.videos, summary.clips, summary.kept, dict(summary.video_failures)) == (6, 8, 4, {"unreadable": 1})
+    assert (summary.videos, summary.clips, summary.kept, dict(summary.video_failures)) == (
+        6,
+        8,
+        4,
+        {"unreadable": 1},
+    )
     dropped = {f["name"]: f["dropped"] for f in summary.filters if f["dropped"]}
     assert dropped == {"border": 1, "frozen": 1, "sharpness": 1, "duplicate": 1}
     assert "no model configured" in summary.format()
@@ -124,7 +133,9 @@ def _expected_scores(rgb):
     keys = [0, (n - 1) // 2, n - 1]
     ref = [cv2.resize(rgb[k], (320, 180), interpolation=cv2.INTER_AREA) for k in keys]
     ref_grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in ref]
-    small = [cv2.cvtColor(cv2.resize(f, (228, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY) for f in rgb]
+    small = [
+        cv2.cvtColor(cv2.resize(f, (228, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY) for f in rgb
+    ]
     pairs = sorted({round(i * (n - 2) / 15) for i in range(16)}) if n - 1 > 16 else range(n - 1)
     flow = []
     for k in pairs:
@@ -142,7 +153,9 @@ def _expected_scores(rgb):
         "motion": np.mean(flow),
         "brightness": means.mean(),
         "black_fraction": (means < 16).mean(),
-        "frozen_fraction": np.mean([np.abs(a.astype(int) - b).mean() < 0.5 for a, b in zip(small, small[1:])]),
+        "frozen_fraction": np.mean(
+            [np.abs(a.astype(int) - b).mean() < 0.5 for a, b in zip(small, small[1:])]
+        ),
         "border_fraction": 1 - (180 - top - bottom) * (320 - left - right) / (180 * 320),
         "phash": ",".join(_phash(f) for f in ref),
     }
@@ -181,7 +194,9 @@ def test_kept_clips_go_through_prep_and_data_check(curated, tmp_path):
         clip = kept[rec.id[:-2]]
         assert (rec.num_frames, rec.height, rec.width, rec.fps) == (clip["num_frames"], 176, 320, 25.0)
         assert (rec.item, rec.caption) == (rec.id[:-2], clip["caption"])
-    manifest = [json.loads(line) for p in glob.glob(os.path.join(ds, "manifest", "*.jsonl")) for line in open(p)]
+    manifest = [
+        json.loads(line) for p in glob.glob(os.path.join(ds, "manifest", "*.jsonl")) for line in open(p)
+    ]
     assert [m["start_frame"] for m in manifest] == [0] * 4  # prep took each clip's whole range
     assert check_dataset(ds).ok
     assert cli(["data", "check", ds]) == 0
@@ -205,7 +220,9 @@ def test_prep_reads_a_clip_range_of_the_source(media):
 
     csv = os.path.join(media, "clips.csv")
     with open(csv, "w") as f:
-        f.write("path,start,end,caption\njoined.mp4,51,84,a\njoined.mp4,1,34,b\njoined.mp4,51,84,dup\nother.mp4,,,c\n")
+        f.write(
+            "path,start,end,caption\njoined.mp4,51,84,a\njoined.mp4,1,34,b\njoined.mp4,51,84,dup\nother.mp4,,,c\n"
+        )
     items = read_captions(csv)
     assert [(i.key, i.frames, i.caption) for i in items] == [
         ("joined.mp4[51:84]", (51, 84), "a"),
@@ -222,7 +239,9 @@ def test_prep_reads_a_clip_range_of_the_source(media):
 def test_interrupted_curation_resumes_without_redoing_videos(media, curated, tmp_path):
     out = str(tmp_path / "cur")
     argv = [sys.executable, "-m", "mugv.cli.main", "curate", "run", "--input", media, "--output", out]
-    proc = subprocess.Popen([*argv, "--workers", "1", *OVERRIDES], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*argv, "--workers", "1", *OVERRIDES], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     parts = os.path.join(out, "parts", "shard-00000-of-00001.jsonl")
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -239,12 +258,16 @@ def test_interrupted_curation_resumes_without_redoing_videos(media, curated, tmp
     summary = run_curation(_cfg(media, out, "workers=1"))
     assert summary.processed == 6 - len(done)
     lines = open(parts).read().splitlines()
-    assert len(lines) == 6 and len({line for line in lines}) == 6 and set(read_parts(out)) == set(read_parts(curated[0]))
+    assert (
+        len(lines) == 6
+        and len({line for line in lines}) == 6
+        and set(read_parts(out)) == set(read_parts(curated[0]))
+    )
     table = pq.read_table(os.path.join(out, "clips.parquet"))
     assert table.equals(pq.read_table(os.path.join(curated[0], "clips.parquet")))
     # a finished curation is not redone; changed analysis settings are refused
     assert run_curation(_cfg(media, out, "workers=1")).processed == 0
-    with pytest.raises(ConfigError, match="curated with analysis"):
+    with pytest.raises(ConfigError, match="curated with analysis.key_frames = 3, this run has 5"):
         run_curation(_cfg(media, out, "analysis.key_frames=5"))
 
 
@@ -279,7 +302,9 @@ def test_model_plugins_with_the_builtin_standins(media, tmp_path):
         assert cli(["curate", "standin", str(models / kind), "--kind", kind]) == 0
     csv = tmp_path / "in.csv"
     csv.write_text(f"path,caption\n{os.path.join(media, 'joined.mp4')},from the csv\n")
-    plug = "models=[" + ",".join(f"{{kind: {k}, path: '{models / k}'}}" for k in ("aesthetic", "artifact", "caption"))
+    plug = "models=[" + ",".join(
+        f"{{kind: {k}, path: '{models / k}'}}" for k in ("aesthetic", "artifact", "caption")
+    )
     out = str(tmp_path / "cur")
     run_curation(_cfg(str(csv), out, "workers=1", "filters.min_aesthetic=5.0", plug + "]"))
     rows = pq.read_table(os.path.join(out, "clips.parquet")).to_pylist()
@@ -287,12 +312,18 @@ def test_model_plugins_with_the_builtin_standins(media, tmp_path):
     assert len(rows) == 4
     for r in rows:
         n = r["num_frames"]
-        keys = np.stack([frames[r["start"] + k] for k in (0, (n - 1) // 2, n - 1)])  # 320x180 = reference size
+        keys = np.stack(
+            [frames[r["start"] + k] for k in (0, (n - 1) // 2, n - 1)]
+        )  # 320x180 = reference size
         grey = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in keys]).astype(float)
-        assert r["aesthetic"] == pytest.approx(np.clip(2.5 + 0.04 * colourfulness(keys) + 0.03 * grey.std(), 0, 10))
+        assert r["aesthetic"] == pytest.approx(
+            np.clip(2.5 + 0.04 * colourfulness(keys) + 0.03 * grey.std(), 0, 10)
+        )
         r_, g_, b_ = (keys[..., c].astype(float) for c in range(3))
         rg, yb = r_ - g_, (r_ + g_) / 2 - b_
-        assert colourfulness(keys) == pytest.approx(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+        assert colourfulness(keys) == pytest.approx(
+            np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+        )
         assert r["artifact"] == pytest.approx(((keys <= 2) | (keys >= 253)).any(-1).mean())
         assert r["caption"].startswith("a ") and "clip, mostly" in r["caption"]
         assert ("aesthetic" in r["reasons"].split(",")) == (r["aesthetic"] < 5.0)
@@ -309,7 +340,10 @@ def test_stratified_sample(curated, tmp_path):
     assert allocate({("a",): 1, ("b",): 5, ("c",): 5}, 7) == {("a",): 1, ("b",): 3, ("c",): 3}
     assert allocate({("a",): 2, ("b",): 2}, 9) == {("a",): 2, ("b",): 2}
     dest = str(tmp_path / "s.csv")
-    assert cli(["curate", "sample", out, "--by", "bucket,motion", "--n", "3", "--bins", "2", "--output", dest]) == 0
+    assert (
+        cli(["curate", "sample", out, "--by", "bucket,motion", "--n", "3", "--bins", "2", "--output", dest])
+        == 0
+    )
     with open(dest) as f:
         lines = f.read().splitlines()[1:]
     assert len(lines) == 3
@@ -322,6 +356,10 @@ def test_stratified_sample(curated, tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
+    from mugv.config.loader import to_dict
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "configs", "curate", "default.yaml")
+    assert to_dict(load_config(CurateConfig, shipped)) == to_dict(CurateConfig())
     with pytest.raises(ConfigError, match="filters.min_motion = 5.0 exceeds filters.max_motion = 2.0"):
         load_config(CurateConfig, None, ["filters.min_motion=5", "filters.max_motion=2"])
     with pytest.raises(ConfigError, match="models\\[0\\].path = '/nowhere': no curate_model.json"):

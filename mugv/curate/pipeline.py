@@ -110,18 +110,30 @@ def check_output_config(cfg: CurateConfig) -> None:
     if os.path.isfile(path):
         old, new = to_dict(load_config(CurateConfig, path)), to_dict(cfg)
         for section in SCORE_SECTIONS:
-            if old[section] != new[section]:
+            key, was, now = _first_difference(section, old[section], new[section])
+            if key:
                 raise ConfigError(
-                    f"{cfg.output} was curated with {section} = {old[section]}, this run has {new[section]}; "
-                    f"only `filters` may change (use another --output, or `mugv curate summary` to re-filter)"
+                    f"{cfg.output} was curated with {key} = {was}, this run has {now}; only `filters` may "
+                    f"change (use another --output, or `mugv curate summary` to re-filter)"
                 )
     os.makedirs(cfg.output, exist_ok=True)
     save_config(cfg, path)
 
 
+def _first_difference(key: str, a, b) -> tuple[str, object, object]:
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        for k in a:
+            found = _first_difference(f"{key}.{k}", a[k], b[k])
+            if found[0]:
+                return found
+        return "", None, None
+    return (key, a, b) if a != b else ("", None, None)
+
+
 def run_curation(cfg: CurateConfig) -> Summary:
     if not cfg.input or not cfg.output:
         raise ConfigError("curate needs `input` and `output`")
+    cfg.input, cfg.output = os.path.abspath(cfg.input), os.path.abspath(cfg.output)
     jobs = list_videos(cfg.input)
     for m in cfg.models:  # a broken model directory fails here, before any video
         load_model(m)
@@ -172,5 +184,12 @@ def summarize(output: str, overrides: list[str] = ()) -> Summary:
     if bad:
         raise ConfigError(f"summary re-applies filters only; {bad[0]!r} would change the scores")
     cfg = load_config(CurateConfig, path, overrides)
+    cfg.output = output
     save_config(cfg, path)
-    return finalize(cfg, list_videos(cfg.input), read_parts(output))
+    results = read_parts(output)
+    try:
+        jobs = list_videos(cfg.input)
+    except ConfigError as err:  # the input moved: summarise what was curated
+        log.warning(f"curate summary: {err}; counting only the curated videos")
+        jobs = [VideoJob(v["video"], v["path"]) for v in results.values()]
+    return finalize(cfg, jobs, results)
