@@ -115,6 +115,22 @@ def test_shots_filters_duplicates_summary(curated):
     assert lines[0] == "path,start,end,caption" and len(lines) == 5
 
 
+def test_colour_check_rejects_false_cuts():
+    """bikes.mp4 has hard cuts at 30, 76, 137, 187, 242. At a content threshold of 12 the detector
+    alone also fires at 65, 80 and 96 (motion inside a shot; 76 is then lost to the minimum shot
+    length); with the hue-saturation check exactly the five cuts remain."""
+    from mugv.curate.config import ShotConfig
+    from mugv.curate.decode import probe
+    from mugv.curate.shots import detect_shots
+
+    path = os.path.join(DATA, "bikes.mp4")
+    info = probe(path)
+    starts = lambda **kw: [a for a, _ in detect_shots(path, info, ShotConfig(**kw))[0]][1:]
+    assert starts() == [30, 76, 137, 187, 242]
+    assert starts(threshold=12, min_hist_distance=0) == [30, 65, 80, 96, 137, 187, 242]
+    assert starts(threshold=12) == [30, 76, 137, 187, 242]
+
+
 def _phash(rgb):
     """pHash as imagehash defines it (PIL grey, LANCZOS to 32x32, unnormalised DCT-II, 8x8 low
     frequencies > their median), with the DCT from cv2.dct (orthonormal) rescaled."""

@@ -1,6 +1,6 @@
 """Engines: run the per-video function over a list of videos, handing each result line on.
 
-  local  multiprocessing (spawned processes, one video each at a time); workers == 1 runs
+  local  spawned processes (a pool keeping 2 videos per worker in flight); workers == 1 runs
          in this process
   ray    Ray Data over a cluster (or a local Ray instance): from_items(videos).map(the same
          function), results streamed back to this driver, which writes them
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import multiprocessing
 import os
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from mugv.curate.config import CurateConfig
 from mugv.curate.video import VideoJob, curate_video_line
@@ -29,9 +32,22 @@ def run_local(jobs: list[VideoJob], cfg: CurateConfig, emit: Emit) -> None:
         for job in jobs:
             emit(fn(job))
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for line in pool.imap_unordered(fn, jobs):
-            emit(line)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending, queue = set(), iter(jobs)
+        try:
+            while True:
+                for job in itertools.islice(queue, 2 * workers - len(pending)):
+                    pending.add(pool.submit(fn, job))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    emit(f.result())
+        except BrokenProcessPool:
+            raise RuntimeError(
+                "a curation worker process died (out of memory?); finished videos are saved, rerun to resume"
+            ) from None
 
 
 def _ray_row(row: dict, cfg: CurateConfig) -> dict:

@@ -2,8 +2,9 @@
 
 Shots: PySceneDetect's ContentDetector runs on downscaled frames; each cut it reports is then
 kept only if the hue-saturation histograms of the frames either side of it differ (the colour-
-structure check), which rejects flashes and fast motion. A cut at frame c starts a new shot
-at c; shots are [start, end) in source frames.
+structure check), which rejects flashes and fast motion, and if it comes at least
+`min_shot_frames` after the previous kept cut. A cut at frame c starts a new shot at c; shots
+are [start, end) in source frames (the last one may be shorter than min_shot_frames).
 
 Clips: each shot (less `margin_frames` at both ends) is cut into consecutive clips of the
 bucket-table lengths (8k+1 frames at the target fps, the longest that fits first), with the
@@ -53,7 +54,9 @@ def detect_shots(path: str, info: VideoInfo, cfg: ShotConfig) -> tuple[list[tupl
     import cv2
     from scenedetect import ContentDetector, FrameTimecode
 
-    detector = ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_shot_frames)
+    # every candidate cut first; the minimum shot length is applied after the colour check, so a
+    # rejected false cut cannot hide a real one right after it
+    detector = ContentDetector(threshold=cfg.threshold, min_scene_len=1)
     h, w = scaled_size(info.height, info.width, min(cfg.detect_short_side, info.height, info.width))
     cuts: list[int] = []
     dist: list[float] = [0.0]  # dist[j]: histogram distance between frames j - 1 and j
@@ -70,8 +73,11 @@ def detect_shots(path: str, info: VideoInfo, cfg: ShotConfig) -> tuple[list[tupl
     if n == 0:
         raise MediaError("unreadable", f"{path}: no frames decoded")
     cuts += [c.frame_num for c in detector.post_process(FrameTimecode(n - 1, info.fps))]
-    kept = sorted({c for c in cuts if 0 < c < n and dist[c] >= cfg.min_hist_distance})
-    bounds = [0, *kept, n]
+    bounds = [0]
+    for c in sorted({c for c in cuts if 0 < c < n and dist[c] >= cfg.min_hist_distance}):
+        if c - bounds[-1] >= cfg.min_shot_frames:
+            bounds.append(c)
+    bounds.append(n)
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a], n
 
 
