@@ -55,10 +55,8 @@ def _ray_row(row: dict, cfg: CurateConfig) -> dict:
 
 
 def run_ray(jobs: list[VideoJob], cfg: CurateConfig, emit: Emit) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("engine=ray needs Ray Data: pip install 'mugv[ray]'") from None
+    import ray
+
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False)

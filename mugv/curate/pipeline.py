@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import json
 import os
 import time
@@ -133,6 +134,8 @@ def _first_difference(key: str, a, b) -> tuple[str, object, object]:
 def run_curation(cfg: CurateConfig) -> Summary:
     if not cfg.input or not cfg.output:
         raise ConfigError("curate needs `input` and `output`")
+    if cfg.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("engine=ray needs Ray Data: pip install 'mugv[ray]'")
     cfg.input, cfg.output = os.path.abspath(cfg.input), os.path.abspath(cfg.output)
     jobs = list_videos(cfg.input)
     for m in cfg.models:  # a broken model directory fails here, before any video
