@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "demo", "train", "curriculum", "data", "prep", "convert", "sample"]
+COMMANDS = ["info", "demo", "train", "curriculum", "data", "curate", "prep", "convert", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:

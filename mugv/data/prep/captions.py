@@ -1,4 +1,8 @@
-"""Prep inputs: a CSV or JSONL file of (media path, caption) rows."""
+"""Prep inputs: a CSV or JSONL file of (media path, caption) rows.
+
+Rows may also carry `start` and `end` (source frame indices, end exclusive; both or neither):
+the item is then that sub-range of the video, as in the clips CSV of `mugv curate`, and its key
+is `path[start:end]`, so several clips of one source video are distinct items."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ class PrepItem:
     key: str  # the path as written in the captions file (the item's identity in the dataset)
     path: str  # resolved file path
     caption: str
+    frames: tuple[int, int] | None = None  # (start, end) source frames of a video; None = whole file
 
 
 def read_captions(
@@ -44,11 +49,25 @@ def read_captions(
             raise ValueError(
                 f"{path}: row {n} lacks column {path_column!r} or {caption_column!r} (has {sorted(row)})"
             )
-        key = str(row[path_column])
+        file = str(row[path_column])
+        frames = _frame_range(path, n, row)
+        key = file if frames is None else f"{file}[{frames[0]}:{frames[1]}]"
         if key in seen:
             continue
         seen.add(key)
-        items.append(
-            PrepItem(key, key if os.path.isabs(key) else os.path.join(root, key), str(row[caption_column]))
-        )
+        resolved = file if os.path.isabs(file) else os.path.join(root, file)
+        items.append(PrepItem(key, resolved, str(row[caption_column]), frames))
     return items
+
+
+def _frame_range(path: str, n: int, row: dict) -> tuple[int, int] | None:
+    start, end = row.get("start"), row.get("end")
+    if start in (None, "") and end in (None, ""):
+        return None
+    try:
+        a, b = int(start), int(end)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: row {n}: start={start!r} / end={end!r} are not frame numbers") from None
+    if not 0 <= a < b:
+        raise ValueError(f"{path}: row {n}: frame range start={a} end={b} is empty or negative")
+    return a, b

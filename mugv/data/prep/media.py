@@ -33,7 +33,7 @@ class MediaError(Exception):
 class Clip:
     pixels: torch.Tensor  # [F, 3, H, W] uint8, F = 8k+1 (1 for images)
     fps: float
-    start_frame: int  # in the resampled frame sequence
+    start_frame: int  # in the resampled frame sequence (of the frame range, when one is given)
 
 
 def is_image(path: str) -> bool:
@@ -61,13 +61,16 @@ def plan_clips(num_frames: int, table: BucketTable, max_clips: int) -> tuple[int
     return length, [round(c * (num_frames - length) / (n - 1)) for c in range(n)]
 
 
-def read_video(path: str, table: BucketTable, target_fps: float, max_clips: int) -> list[Clip]:
+def read_video(
+    path: str, table: BucketTable, target_fps: float, max_clips: int, frames: tuple[int, int] | None = None
+) -> list[Clip]:
+    """Clips of the video, or of its source frames [start, end) when `frames` is given."""
     if not os.path.isfile(path):
         raise MediaError("missing", path)
     errors = []
     for backend in (_read_av, _read_decord):
         try:
-            return backend(path, table, target_fps, max_clips)
+            return backend(path, table, target_fps, max_clips, frames)
         except MediaError:
             raise
         except Exception as err:  # noqa: BLE001 - try the next decoder
@@ -75,9 +78,13 @@ def read_video(path: str, table: BucketTable, target_fps: float, max_clips: int)
     raise MediaError("unreadable", f"{path}: " + "; ".join(errors))
 
 
-def _select(num_src: int, src_fps: float, table: BucketTable, target_fps: float, max_clips: int):
+def _select(num_src: int, src_fps: float, table: BucketTable, target_fps: float, max_clips: int, frames=None):
     """-> (fps, clip length, starts, {source index: [positions in the output clips]})."""
-    idx, fps = resampled_indices(num_src, src_fps, target_fps)
+    first, end = frames or (0, num_src)
+    if end > num_src:
+        raise MediaError("bad_range", f"frames [{first}:{end}] but the video has {num_src}")
+    idx, fps = resampled_indices(end - first, src_fps, target_fps)
+    idx = [first + i for i in idx]
     length, starts = plan_clips(len(idx), table, max_clips)
     wanted: dict[int, list[tuple[int, int]]] = {}
     for c, s in enumerate(starts):
@@ -86,7 +93,7 @@ def _select(num_src: int, src_fps: float, table: BucketTable, target_fps: float,
     return fps, length, starts, wanted
 
 
-def _read_av(path: str, table: BucketTable, target_fps: float, max_clips: int) -> list[Clip]:
+def _read_av(path: str, table: BucketTable, target_fps: float, max_clips: int, frames=None) -> list[Clip]:
     import av
 
     with av.open(path) as container:
@@ -99,7 +106,7 @@ def _read_av(path: str, table: BucketTable, target_fps: float, max_clips: int) -
             raise MediaError("unreadable", f"{path}: frame rate {src_fps} / frame count {num_src} unknown")
         container.seek(0)
         out_h, out_w = table.nearest_size(stream.codec_context.height, stream.codec_context.width)
-        fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips)
+        fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips, frames)
         clips = torch.empty(len(starts), length, 3, out_h, out_w, dtype=torch.uint8)
         last, filled = max(wanted), 0
         for j, frame in enumerate(container.decode(stream)):
@@ -116,14 +123,14 @@ def _read_av(path: str, table: BucketTable, target_fps: float, max_clips: int) -
     return [Clip(clips[c], fps, s) for c, s in enumerate(starts)]
 
 
-def _read_decord(path: str, table: BucketTable, target_fps: float, max_clips: int) -> list[Clip]:
+def _read_decord(path: str, table: BucketTable, target_fps: float, max_clips: int, frames=None) -> list[Clip]:
     import decord
 
     vr = decord.VideoReader(path, num_threads=1)
     num_src, src_fps = len(vr), float(vr.get_avg_fps())
     src_h, src_w = vr[0].shape[:2]
     out_h, out_w = table.nearest_size(src_h, src_w)
-    fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips)
+    fps, length, starts, wanted = _select(num_src, src_fps, table, target_fps, max_clips, frames)
     clips = torch.empty(len(starts), length, 3, out_h, out_w, dtype=torch.uint8)
     for j, places in wanted.items():
         chw = torch.from_numpy(resize_crop(vr[j].asnumpy(), out_h, out_w)).permute(2, 0, 1)  # [3, H, W]

@@ -35,7 +35,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class PrepConfig:
-    captions: str = ""  # .csv / .jsonl with columns path_column, caption_column
+    captions: str = ""  # .csv / .jsonl with columns path_column, caption_column (+ optional start, end)
     output: str = ""  # dataset directory (created; appended to on reruns)
     media_root: str = ""  # relative media paths resolve here (default: the captions file's directory)
     path_column: str = "path"
@@ -159,7 +159,7 @@ def _prep_item(cfg, item: PrepItem, y, mask, table, vae, writer, source, device,
         if is_image(item.path):
             clips = read_image(item.path, table, cfg.fps)
         else:
-            clips = read_video(item.path, table, cfg.fps, cfg.max_clips_per_video)
+            clips = read_video(item.path, table, cfg.fps, cfg.max_clips_per_video, item.frames)
         samples = []
         for k, clip in enumerate(clips):
             with torch.no_grad():
