@@ -10,8 +10,8 @@
 # starts one rendezvous per stage (each stage must ask for nnodes = NNODES). Run dirs and data
 # must be on a file system every node sees. --dry-run prints layouts and memory estimates for
 # world size NNODES x NPROC_PER_NODE and starts nothing. RDZV_ID (default: mugv) names the
-# rendezvous of a stage run. On SIGUSR1 / SIGTERM the training processes save and exit: torchrun
-# forwards the signal but kills them 30 s later; `mugv curriculum` relays it without a deadline.
+# rendezvous of a stage run. On SIGUSR1 / SIGTERM the training processes save and exit: `mugv
+# train` and `mugv curriculum` relay the signal to them without torchrun's 30 s deadline.
 set -euo pipefail
 
 usage() { sed -n '5,6p' "$0" >&2; exit 2; }
@@ -46,8 +46,7 @@ if [ ${#DRY[@]} -gt 0 ]; then  # describe only: no rendezvous, so the variables 
     if grep -Eq '^stages:' "$CONFIG"; then
         exec "$PYTHON" -m mugv.cli.main curriculum "$CONFIG" "${ROOT[@]}" --dry-run "${OVERRIDES[@]}"
     fi
-    exec "$PYTHON" -m mugv.cli.main train "$CONFIG" --dry-run \
-        --nproc "$(( ${NNODES:-1} * NPROC_PER_NODE ))" "${OVERRIDES[@]}"
+    exec "$PYTHON" -m mugv.cli.main train "$CONFIG" --dry-run --nproc "$NPROC_PER_NODE" "${OVERRIDES[@]}"
 fi
 
 : "${NNODES:?set NNODES (number of nodes)}"
@@ -60,7 +59,7 @@ if grep -Eq '^stages:' "$CONFIG"; then
     exec "$PYTHON" -m mugv.cli.main curriculum "$CONFIG" "${ROOT[@]}" "${OVERRIDES[@]}"
 fi
 [ ${#ROOT[@]} -eq 0 ] || { echo "--root is for curricula; set run_dir=... for a stage" >&2; exit 2; }
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-mugv}" \
-    --nproc-per-node "$NPROC_PER_NODE" -m mugv.cli.main train "$CONFIG" "${OVERRIDES[@]}"
+# `mugv train --nproc` starts torchrun with the c10d rendezvous from these variables
+# (mugv.parallel.launch) and relays SIGUSR1 / SIGTERM to the training processes
+export RDZV_ID=${RDZV_ID:-mugv}
+exec "$PYTHON" -m mugv.cli.main train "$CONFIG" --nproc "$NPROC_PER_NODE" "${OVERRIDES[@]}"

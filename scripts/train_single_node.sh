@@ -8,7 +8,7 @@
 # process counts come from the file and --root sets where the stage run dirs go. For a stage,
 # --nproc (default: the number of GPUs, else 1) is the number of processes. --dry-run prints the
 # resolved layout and memory estimate and starts nothing. key=value overrides are passed on.
-# SIGUSR1 / SIGTERM make the trainer save a checkpoint and exit (torchrun forwards them).
+# SIGUSR1 / SIGTERM make the trainer save a checkpoint and exit (relayed to the training processes).
 set -euo pipefail
 
 usage() { sed -n '5p' "$0" >&2; exit 2; }
@@ -46,9 +46,5 @@ if [ -z "$NPROC" ]; then
     NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "$NPROC" -ge 1 ] || NPROC=1
 fi
-if [ ${#DRY[@]} -gt 0 ]; then
-    exec "$PYTHON" -m mugv.cli.main train "$CONFIG" --dry-run --nproc "$NPROC" "${OVERRIDES[@]}"
-fi
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
-    -m mugv.cli.main train "$CONFIG" "${OVERRIDES[@]}"
+# `mugv train --nproc` starts torchrun itself (mugv.parallel.launch) and relays the signals
+exec "$PYTHON" -m mugv.cli.main train "$CONFIG" --nproc "$NPROC" "${DRY[@]}" "${OVERRIDES[@]}"

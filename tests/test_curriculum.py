@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mugv.config import ConfigError
-from mugv.training.curriculum import Launcher, _SignalRelay, resolve_stages, run_curriculum
+from mugv.parallel.launch import Rendezvous, SignalRelay
+from mugv.training.curriculum import resolve_stages, run_curriculum, stage_command
 from mugv.utils.checkpoint_io import write_json_atomic
 from tests.trainer_utils import dataset
 
@@ -86,10 +87,10 @@ def test_stage_with_a_checkpoint_short_of_its_steps_is_resumed_not_skipped(tmp_p
 def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
     cur = write_curriculum(tmp_path, "[]")
     stage = resolve_stages(cur, str(tmp_path), ["data.paths=[x]"])[0]
-    launcher = Launcher.from_env(
+    rendezvous = Rendezvous.from_env(
         {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "29501"}
     )
-    cmd = launcher.command(stage)
+    cmd = stage_command(rendezvous, stage)
     i = cmd.index("torch.distributed.run")
     assert cmd[i + 1 : i + 7] == [
         "--nnodes=1",
@@ -99,13 +100,13 @@ def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
         "--rdzv-id=one",
         "--nproc-per-node=2",
     ]
-    launcher.check(stage)
+    rendezvous.check(stage.nnodes, stage.name)
     with pytest.raises(ConfigError, match="nnodes=1, but this job has NNODES=4"):
-        Launcher.from_env({"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}).check(
-            stage
+        Rendezvous.from_env({"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}).check(
+            stage.nnodes, stage.name
         )
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        Launcher.from_env({"NNODES": "2", "NODE_RANK": "1", "MASTER_PORT": "1"})
+        Rendezvous.from_env({"NNODES": "2", "NODE_RANK": "1", "MASTER_PORT": "1"})
 
 
 CHILD = """
@@ -130,7 +131,7 @@ def test_signal_relay_reaches_the_workers_not_the_launcher(tmp_path):
         os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=send_when_ready, daemon=True).start()
-    relay = _SignalRelay()
+    relay = SignalRelay()
     before = signal.getsignal(signal.SIGUSR1)
     rc = relay.run([sys.executable, str(script), "launcher", flag], dict(os.environ))
     assert rc == 0  # the worker saw SIGUSR1 and exited cleanly; the launcher was not signalled

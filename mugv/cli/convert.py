@@ -2,7 +2,7 @@
 
     mugv convert to-hf   --ckpt runs/x [--ema] --out hf_dir [--release dit.pt]
     mugv convert from-hf --src dit.pt|hf_dir --out ckpt_dir [--config mugdit_10b|config.json]
-    mugv convert verify  --hf dit.pt|hf_dir --ckpt ckpt_dir [--tp 2 --pp 2] [--ema] [--tolerance 1e-4]
+    mugv convert verify  --hf dit.pt|hf_dir --ckpt ckpt_dir [--tp 2 --pp 2 --cp 2] [--ema] [--tolerance 1e-4]
 
 --ckpt takes a checkpoint directory, a run directory (its checkpoints/latest) or a checkpoints/
 folder (its latest). from-hf writes model.* and ema.* (the same weights) in the layout-independent
@@ -44,6 +44,8 @@ def register(sub) -> None:
     v.add_argument("--ckpt", required=True, help="checkpoint dir, run dir or checkpoints/ dir")
     v.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at")
     v.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load at")
+    v.add_argument("--cp", type=int, default=1, help="context-parallel size to run the probe at")
+    v.add_argument("--cp-attention", choices=("a2a", "allgather"), default="a2a", help="context-parallel attention")
     v.add_argument("--ema", action="store_true", help="check the EMA weights of the checkpoint")
     v.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |diff| / max |reference|")
     v.add_argument("--seed", type=int, default=0, help="probe batch seed")
@@ -73,7 +75,8 @@ def run_verify(args) -> int:
     from mugv.convert import verify
 
     result = verify(
-        args.hf, args.ckpt, tp=args.tp, pp=args.pp, ema=args.ema, tolerance=args.tolerance, seed=args.seed
-    )
+        args.hf, args.ckpt, tp=args.tp, pp=args.pp, cp=args.cp, cp_attention=args.cp_attention,
+        ema=args.ema, tolerance=args.tolerance, seed=args.seed,
+    )  # fmt: skip
     print(result.format())
     return 0 if result.ok else 1

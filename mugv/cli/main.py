@@ -1,7 +1,8 @@
 """`mugv <command> ...`: one module per subcommand, each exposing `register(subparsers)`.
 
 A subcommand module's `register` adds its parser and sets `func` (called with the parsed
-args, returning an exit code). Modules are imported only when the CLI runs.
+args, returning an exit code). Modules are imported only when the CLI runs. Logging and the
+known third-party warning filters are configured here, once per process (mugv.utils.logging).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "demo", "train", "curriculum", "data", "curate", "prep", "convert", "sample"]
+COMMANDS = ["info", "demo", "config", "train", "curriculum", "data", "curate", "prep", "convert", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mugv.utils.logging import configure_logging
+
+    configure_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow options: `mugv train cfg.yaml --nproc 2 a.b=1`

@@ -1,15 +1,14 @@
 """`mugv train CONFIG [key=value ...]`: one training run (one curriculum stage).
 
-Run it under torchrun for multi-process layouts, or let it start torchrun itself on one
-machine with `--nproc N`. `--dry-run` prints the resolved config, the parallel layout, the
-parameter count and a per-device memory estimate, and exits without training.
+Run it under torchrun, or let it start torchrun itself with `--nproc N` processes on this
+machine (on every node of a multi-node job, with NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT
+set; see mugv.parallel.launch). `--dry-run` prints the resolved config, the parallel layout, the
+parameter count and a per-device memory estimate (world size nproc x NNODES), and exits.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 
 def register(sub) -> None:
@@ -30,26 +29,32 @@ def load(args):
 
 def run(args) -> int:
     cfg = load(args)  # fails here, before any process starts, on a bad key or value
+    from mugv.parallel.launch import Rendezvous, SignalRelay, single_process_env
+
     if args.dry_run:
         from mugv.training.plan import describe
 
-        print(describe(cfg, world_size=args.nproc or int(os.environ.get("WORLD_SIZE", "0")) or None))
+        world = args.nproc * int(os.environ.get("NNODES", "1")) or int(os.environ.get("WORLD_SIZE", "0"))
+        print(describe(cfg, world_size=world or None))
         return 0
+    check_data_paths(cfg, args.config)
+    rendezvous = Rendezvous.from_env(os.environ)
     if args.nproc and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "mugv.cli.main", "train", args.config, *args.overrides]
-        return subprocess.call(cmd)
-    if "WORLD_SIZE" not in os.environ:  # a plain single-process run: be our own rendezvous
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        cmd = rendezvous.command(args.nproc, ["train", args.config, *args.overrides],
+                                 rdzv_id=os.environ.get("RDZV_ID", "mugv"))  # fmt: skip
+        return SignalRelay().run(cmd, os.environ)
     from mugv.training.trainer import train
 
-    return train(cfg)
+    if "WORLD_SIZE" in os.environ:  # under torchrun
+        return train(cfg)
+    with single_process_env():  # a plain single-process run: be our own rendezvous
+        return train(cfg)
 
 
-def _free_port() -> int:
-    import socket
+def check_data_paths(cfg, config: str) -> None:
+    """Every data.paths entry exists here (before any process starts)."""
+    from mugv.config import ConfigError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    missing = [p for p in cfg.data.paths if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"{config}: data.paths: {missing[0]} does not exist")

@@ -1,20 +1,14 @@
 """Check a Megatron checkpoint against HF / release weights: run both models on one probe batch.
 
 The reference is the plain MUGDiT (fp32) built from the HF directory or dit.pt; the Megatron
-MUGDiT is built at the requested TP x PP layout from the checkpoint (fp32) on tp*pp processes
-(spawned here; the current process when tp*pp == 1). The reference runs first and is freed before
+MUGDiT is built at the requested TP x PP x CP layout from the checkpoint (fp32) on tp*pp processes
+(spawned here; the current process when tp*pp*cp == 1). The reference runs first and is freed before
 the Megatron side starts, so the peak is one fp32 model per process.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import pickle
-import queue
-import socket
-import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +18,7 @@ from mugv.checkpoint import read_model_config, resolve
 from mugv.checkpoint.weights import weight_prefix
 from mugv.convert.sources import ReleaseSource
 from mugv.models.mugdit import MUGDiT, MUGDiTConfig
+from mugv.parallel.launch import single_process_env, spawn
 from mugv.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,7 +49,9 @@ def probe_batch(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_megatron_chunks(ckpt_dir: str, ema: bool = False, device: torch.device | str = "cpu"):
+def load_megatron_chunks(
+    ckpt_dir: str, ema: bool = False, device: torch.device | str = "cpu", cp_attention: str = "a2a"
+):
     """This rank's Megatron MUGDiT chunks (fp32, eval) at the current parallel layout, loaded from
     a checkpoint. Returns (chunks, megatron config)."""
     from megatron.core import dist_checkpointing, parallel_state
@@ -66,6 +63,8 @@ def load_megatron_chunks(ckpt_dir: str, ema: bool = False, device: torch.device 
         read_model_config(ckpt_dir),
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        cp_attention=cp_attention,
         pipeline_dtype=torch.float32,
     )
     chunks = [c.to(device).eval() for c in build_model_chunks(cfg)]
@@ -105,86 +104,16 @@ def megatron_forward(chunks, cfg, batch: dict) -> torch.Tensor | None:
     return outputs[0] if outputs else None
 
 
-def _megatron_worker(rank: int, world: int, ckpt_dir: str, tp: int, pp: int, ema: bool, batch: dict):
+def _megatron_worker(rank: int, world: int, ckpt_dir: str, layout: dict, ema: bool, batch: dict):
     from mugv.parallel import destroy_distributed, init_distributed
 
-    ctx = init_distributed(tp=tp, pp=pp)
+    ctx = init_distributed(tp=layout["tp"], pp=layout["pp"], cp=layout["cp"])
     try:
-        chunks, cfg = load_megatron_chunks(ckpt_dir, ema, ctx.device)
+        chunks, cfg = load_megatron_chunks(ckpt_dir, ema, ctx.device, layout["cp_attention"])
         out = megatron_forward(chunks, cfg, {k: v.to(ctx.device) for k, v in batch.items()})
         return None if out is None else out.cpu()
     finally:
         destroy_distributed()
-
-
-# ---------------------------------------------------------------------------------------------
-# process launcher
-# ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(fn, rank, world, port, args, results):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    try:
-        results.put((rank, True, pickle.dumps(fn(rank, world, *args))))
-    except BaseException:  # reported to the parent, which raises
-        results.put((rank, False, traceback.format_exc()))
-
-
-def spawn_ranks(fn: Callable, world: int, *args, timeout: float = 3600.0) -> list:
-    """fn(rank, world, *args) on `world` fresh processes (spawn) on this machine; results by rank.
-    One process runs in the current one (with a free rendezvous port) when world == 1."""
-    port = _free_port()
-    if world == 1:
-        saved = {
-            k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        }
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-        try:
-            return [fn(0, 1, *args)]
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < world:
-            try:
-                rank, ok, payload = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"verify: rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"verify: ranks did not finish within {timeout} s") from None
-                continue
-            if not ok:
-                raise RuntimeError(f"verify: rank {rank} failed:\n{payload}")
-            out[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +142,16 @@ def verify(
     ckpt: str,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
+    cp_attention: str = "a2a",
     ema: bool = False,
     tolerance: float = 1e-4,
     seed: int = 0,
-    launcher: Callable = spawn_ranks,
+    launcher: Callable | None = None,
 ) -> VerifyResult:
-    """Compare the Megatron checkpoint (at TP x PP) with HF / release weights on a probe batch.
-    `launcher(fn, world, *args)` runs the Megatron side (default: spawn_ranks)."""
+    """Compare the Megatron checkpoint (at TP x PP x CP) with HF / release weights on a probe
+    batch. `launcher(fn, world, *args)` runs the Megatron side (default: this process when
+    tp*pp*cp == 1, else mugv.parallel.launch.spawn)."""
     ckpt_dir = resolve(ckpt)
     config = read_model_config(ckpt_dir)
     source = ReleaseSource(hf, config if os.path.isfile(hf) else None)
@@ -227,14 +159,26 @@ def verify(
         raise ValueError(f"{hf} has config {source.config}, but {ckpt_dir} has {config}")
     if config.depth % pp or config.num_heads % tp:
         raise ValueError(f"TP {tp} must divide {config.num_heads} heads and PP {pp} the depth {config.depth}")
+    if cp_attention == "a2a" and (config.num_heads // tp) % cp:
+        raise ValueError(f"CP {cp} must divide the {config.num_heads // tp} heads per TP rank (or use allgather)")
     batch = probe_batch(config, seed)
     ref_model = MUGDiT.from_state_dict(config, {k: v.float() for k, v in source.items()})
     with torch.no_grad():
         ref = ref_model.eval()(**batch)
     del ref_model
-    log.info("verify: reference done; Megatron at TP %d x PP %d from %s", tp, pp, ckpt_dir)
-    outs = [o for o in launcher(_megatron_worker, tp * pp, ckpt_dir, tp, pp, ema, batch) if o is not None]
+    log.info("verify: reference done; Megatron at TP %d x PP %d x CP %d from %s", tp, pp, cp, ckpt_dir)
+    layout = dict(tp=tp, pp=pp, cp=cp, cp_attention=cp_attention)
+    outs = [o for o in (launcher or _launch)(_megatron_worker, tp * pp * cp, ckpt_dir, layout, ema, batch)
+            if o is not None]  # fmt: skip
     if not outs:
         raise RuntimeError("verify: no rank returned the model output")
     diff = (outs[-1].float() - ref).abs().max().item()
     return VerifyResult(diff, diff / max(ref.abs().max().item(), 1e-12), tolerance)
+
+
+def _launch(fn: Callable, world: int, *args) -> list:
+    """The Megatron side in this process (its own rendezvous) for one rank, else on spawned ranks."""
+    if world == 1:
+        with single_process_env():
+            return [fn(0, 1, *args)]
+    return spawn(fn, world, *args)

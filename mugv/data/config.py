@@ -31,6 +31,7 @@ class MixConfig:
         if self.task_weights and sum(self.task_weights.values()) <= 0:
             raise ValueError("mix.task_weights sum to zero")
         for k, v in self.bucket_weights.items():
+            _check_bucket_name(f"mix.bucket_weights.{k}", k)
             if v < 0:
                 raise ValueError(f"mix.bucket_weights.{k} = {v} is negative")
 
@@ -75,6 +76,19 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction = {self.max_bad_fraction} is not in [0, 1]")
         for k, v in self.batch_sizes.items():
+            _check_bucket_name(f"batch_sizes.{k}", k)
             if v <= 0:
                 raise ValueError(f"batch_sizes.{k} = {v} must be positive")
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1), ("text_len", 0), ("open_files", 1),
+                          ("bad_grace_samples", 0)):  # fmt: skip
+            if getattr(self, name) < low:
+                raise ValueError(f"data.{name} = {getattr(self, name)} must be >= {low}")
+        if self.default_fps <= 0:
+            raise ValueError(f"data.default_fps = {self.default_fps} must be > 0")
         self.mix.validate()
+
+
+def _check_bucket_name(key: str, name: str) -> None:
+    parts = name.split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{key}: bucket names are latent TxHxW (e.g. 14x90x160), got {name!r}")

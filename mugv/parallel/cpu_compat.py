@@ -36,7 +36,10 @@ What it does:
    read/write the CPU default generator, so ``CudaRNGStatesTracker.fork()`` (weight init of
    TP-split layers, dropout in TP regions, activation recompute) switches the CPU RNG stream
    exactly as it switches the CUDA one on GPU. ``model_parallel_cuda_manual_seed`` therefore
-   works on CPU as is.
+   works on CPU as is. ``CudaRNGStatesTracker.fork`` itself is replaced by the same stream switch
+   without its GPU-only check that the CPU generator is left untouched inside the fork: here
+   the CPU generator *is* the forked stream, so that check fails on every use (Megatron's
+   "CPU RNG state changed within GPU RNG context" warning) although nothing is wrong.
 
 Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack)
 and is not active in plain tensor/module hooks that run during backward (3. covers custom
@@ -172,6 +175,27 @@ def _cpu_rng_set(new_state: torch.Tensor, device=None, graph_safe: bool = False)
     torch.set_rng_state(new_state)
 
 
+@contextmanager
+def _cpu_fork(self, name: str = "model-parallel-rng"):
+    """CudaRNGStatesTracker.fork on CPU: run the body on the tracked stream `name` (the CPU
+    generator's state), keep where that stream got to, and restore the stream it left."""
+    if name not in self.states_:
+        raise Exception(f"cuda rng state {name} is not added")
+    outer_name, outer_state = self._current_state_name, torch.get_rng_state()
+    if outer_name != "default-rng":
+        self.states_[outer_name] = outer_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(f"current state name {self._current_state_name} is not the same as the desired state name {name}.")
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(self.states_[outer_name] if outer_name != "default-rng" else outer_state)
+        self._current_state_name = outer_name
+
+
 def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
@@ -207,6 +231,8 @@ def install_cpu_shims() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}, "backward": {}}
+    saved["fork"] = mcore_random.CudaRNGStatesTracker.__dict__["fork"]
+    mcore_random.CudaRNGStatesTracker.fork = _cpu_fork
     for name, value in _torch_cuda_replacements().items():
         saved["cuda"][name] = getattr(torch.cuda, name)
         setattr(torch.cuda, name, value)
@@ -246,6 +272,7 @@ def uninstall_cpu_shims() -> None:
         setattr(saved["module"], name, value)
     for name, value in saved["backward"].items():
         setattr(torch.autograd.function.BackwardCFunction, name, value)
+    saved["module"].CudaRNGStatesTracker.fork = saved["fork"]
     _INSTALLED = None
 
 

@@ -22,7 +22,8 @@ is loaded and validated before anything starts. Other paths (init, data) are rel
 working directory, as in `mugv train`.
 
 Running: a stage whose run dir holds a complete checkpoint at train.steps is skipped; otherwise
-`python -m torch.distributed.run ... -m mugv.cli.main train <config> <overrides>` is started and
+`python -m torch.distributed.run ... -m mugv.cli.main train <config> <overrides>` is started
+(mugv.parallel.launch) and
 the trainer resumes from the stage's own latest checkpoint, or else starts from `init` (for
 `previous`, the run dir of the stage before -- at any parallel layout). A stage that exits
 without reaching train.steps (a pre-emption signal or time budget: the trainer saved and exited
@@ -42,15 +43,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mugv.config import ConfigError, load_config
+from mugv.config import ConfigError, find_config, load_config
+from mugv.parallel.launch import Rendezvous, SignalRelay
 from mugv.training.config import TrainConfig
 from mugv.utils.logging import get_logger
 
@@ -132,58 +130,9 @@ class StageResult:
     plan: str = ""  # dry run: layout and memory estimate (mugv.training.plan.describe)
 
 
-@dataclass(frozen=True)
-class Launcher:
-    """Where stages run: this machine alone, or one node of a multi-node job (from the env)."""
-
-    nnodes: int = 1
-    node_rank: str = "0"
-    endpoint: str = ""  # MASTER_ADDR:MASTER_PORT (multi-node only)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Launcher:
-        if "NNODES" not in env:
-            return cls()
-        missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-        if missing:
-            raise ConfigError(f"NNODES is set but {', '.join(missing)} is not (multi-node launch)")
-        return cls(int(env["NNODES"]), env["NODE_RANK"], f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
-
-    def command(self, stage: Stage) -> list[str]:
-        cmd = [sys.executable, "-m", "torch.distributed.run"]
-        if self.endpoint:
-            cmd += [
-                f"--nnodes={self.nnodes}",
-                f"--node-rank={self.node_rank}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={self.endpoint}",
-                f"--rdzv-id={stage.name}",
-            ]
-        else:
-            cmd += ["--standalone"]
-        return [
-            *cmd,
-            f"--nproc-per-node={stage.nproc}",
-            "-m",
-            "mugv.cli.main",
-            "train",
-            stage.config_path,
-            *stage.overrides,
-        ]
-
-    def check(self, stage: Stage) -> None:
-        if stage.nnodes != self.nnodes:
-            how = (
-                f"this job has NNODES={self.nnodes}"
-                if self.endpoint
-                else "this is a single-machine run (set NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT on every "
-                "node, e.g. with scripts/train_multi_node.sh)"
-            )
-            raise ConfigError(f"stage {stage.name!r} asks for nnodes={stage.nnodes}, but {how}")
-
-
 def load_curriculum(path: str) -> CurriculumConfig:
     """The curriculum file, validated, with stage config paths made absolute."""
+    path = find_config(path)
     cur = load_config(CurriculumConfig, path)
     base = os.path.dirname(os.path.abspath(path))
     for s in cur.stages:
@@ -232,6 +181,11 @@ def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] 
     return stages
 
 
+def stage_command(rendezvous: Rendezvous, stage: Stage) -> list[str]:
+    """The torchrun command of a stage (rendezvous id = the stage name)."""
+    return rendezvous.command(stage.nproc, ["train", stage.config_path, *stage.overrides], rdzv_id=stage.name)
+
+
 def checkpoint_step(run_dir: str) -> int | None:
     """The step of the run's latest complete checkpoint (None when it has none)."""
     root = os.path.join(run_dir, "checkpoints")
@@ -257,16 +211,16 @@ def run_curriculum(
     docstring. Returns one result per stage reached; the last is the one that stopped it, if any."""
     env = dict(os.environ if env is None else env)
     stages = resolve_stages(path, root, overrides)
-    launcher = Launcher.from_env(env)
-    relay = _SignalRelay()
+    rendezvous = Rendezvous.from_env(env)
+    relay = SignalRelay()
     results: list[StageResult] = []
     for stage in stages:
         run_dir, steps = stage.cfg.run_dir, stage.cfg.train.steps
         step = checkpoint_step(run_dir)
-        cmd = launcher.command(stage)
+        cmd = stage_command(rendezvous, stage)
         if dry_run:
-            if stage.nnodes != launcher.nnodes:  # show the command each node would run
-                cmd = Launcher(stage.nnodes, "$NODE_RANK", "$MASTER_ADDR:$MASTER_PORT").command(stage)
+            if stage.nnodes != rendezvous.nnodes:  # show the command each node would run
+                cmd = stage_command(Rendezvous.placeholder(stage.nnodes), stage)
             from mugv.training.plan import describe
 
             status = (
@@ -282,14 +236,10 @@ def run_curriculum(
             log.info(f"stage {stage.name}: complete at step {step} in {run_dir}; skipped")
             results.append(StageResult(stage.name, run_dir, "skipped", step, steps))
             continue
-        launcher.check(stage)
+        rendezvous.check(stage.nnodes, f"stage {stage.name!r}")
         init = stage.cfg.train.init_from
         if step is None and init and not os.path.exists(init):
             raise ConfigError(f"stage {stage.name!r}: init checkpoint {init} does not exist")
-        if not stage.cfg.data.paths:
-            raise ConfigError(
-                f"stage {stage.name!r} has no data.paths (give data.paths=[...] as an override)"
-            )
         what = (
             f"resuming at step {step}"
             if step is not None
@@ -298,7 +248,7 @@ def run_curriculum(
         log.info(f"stage {stage.name}: {stage.world_size} processes, {what} -> {run_dir}")
         rc = relay.run(cmd, env)
         step = checkpoint_step(run_dir)
-        if rc == 0 and launcher.endpoint and (step is None or step < steps) and not relay.received:
+        if rc == 0 and rendezvous.endpoint and (step is None or step < steps) and not relay.received:
             step = _wait_for_step(run_dir, steps)
         done = rc == 0 and step is not None and step >= steps
         status = "completed" if done else ("failed" if rc != 0 else "interrupted")
@@ -318,57 +268,3 @@ def _wait_for_step(run_dir: str, steps: int) -> int | None:
         time.sleep(1.0)
         step = checkpoint_step(run_dir)
     return step
-
-
-class _SignalRelay:
-    """Runs a launcher (torchrun) in its own session; SIGTERM / SIGUSR1 go to its children (the
-    training processes, which save and exit), SIGINT to the launcher (which stops them)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._proc: subprocess.Popen | None = None
-
-    def _relay(self, signum, frame) -> None:
-        self.received = signum
-        if self._proc is not None:
-            for pid in _children(self._proc.pid) or [self._proc.pid]:
-                _kill(pid, signum)
-
-    def _interrupt(self, signum, frame) -> None:
-        self.received = signum
-        if self._proc is not None:
-            _kill(self._proc.pid, signal.SIGINT)
-
-    def run(self, cmd: list[str], env: Mapping[str, str]) -> int:
-        handlers = {signal.SIGTERM: self._relay, signal.SIGUSR1: self._relay, signal.SIGINT: self._interrupt}
-        main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, h) for s, h in handlers.items()} if main else {}
-        try:
-            self._proc = subprocess.Popen(cmd, env=dict(env), start_new_session=True)
-            return self._proc.wait()
-        finally:
-            if self._proc is not None and self._proc.poll() is None:  # we are unwinding: stop it
-                _kill(self._proc.pid, signal.SIGINT)
-                self._proc.wait()
-            self._proc = None
-            for s, h in previous.items():
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of a process (Linux /proc); [] where that is not available."""
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    return out
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
