@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,video,text,logging,curate
+EXTRAS ?= dev,video,text,logging,curate,demo
 
 .PHONY: setup test lint demo clean
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-EXTRAS=${EXTRAS:-dev,video,text,logging,curate}
+EXTRAS=${EXTRAS:-dev,video,text,logging,curate,demo}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

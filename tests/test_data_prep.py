@@ -229,22 +229,22 @@ def test_bucket_table_rejects_bad_sizes():
         load_config(PrepConfig, None, ["captions=a.csv", "output=o", "buckets.sizes=[720x1270]"])
 
 
-def test_mugv_prep_cli_with_real_tiny_encoders(tmp_path, monkeypatch):
-    """`mugv prep` end to end with the project's VideoVAE (small random config) and a tiny T5."""
+def test_mugv_prep_cli_with_real_tiny_encoders(tmp_path):
+    """`mugv prep` end to end with the project's VideoVAE (a small random config, given to --vae
+    as a JSON spec as `mugv sample --vae` takes it) and a tiny T5."""
+    import json
+
     from conftest import SMALL_VAE
 
     from mugv.text import make_tiny_t5
     from mugv.vae import VideoVAE, VideoVAEConfig
 
-    small = VideoVAEConfig(**SMALL_VAE)
     torch.manual_seed(0)
-    vae_path = str(tmp_path / "vae.pt")
-    torch.save(VideoVAE(small).state_dict(), vae_path)
+    torch.save(VideoVAE(VideoVAEConfig(**SMALL_VAE)).state_dict(), str(tmp_path / "vae.pt"))
+    vae_path = str(tmp_path / "vae.json")
+    with open(vae_path, "w") as f:
+        json.dump({"kind": "video_vae", "weights": "vae.pt", "config": SMALL_VAE}, f)
     t5 = make_tiny_t5(tmp_path / "t5", d_model=32)
-    release = VideoVAE.from_release.__func__
-    monkeypatch.setattr(
-        VideoVAE, "from_release", classmethod(lambda cls, p, **kw: release(cls, p, small, **kw))
-    )
     bunny = os.path.join(DATA, "bigbuckbunny.mp4")
     (tmp_path / "c.csv").write_text(f"path,caption\n{bunny},a rabbit wakes up\nnope.mp4,missing\n")
     out = str(tmp_path / "ds")

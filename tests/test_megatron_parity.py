@@ -82,9 +82,34 @@ def test_bf16_mixed_precision_close_to_fp32(name, problem):
     ref_out, ref_grads, ref_params = reference(model, rounded, target)
     layout = dataclasses.replace(LAYOUTS[name], bf16=True)
     results = run_distributed(parity_worker, layout.world, layout, kwargs, sd, batch, target, timeout=240)
-    # Adam normalises each gradient element, so bf16 gradient noise can move a parameter by up to
-    # about lr (1e-2) either way; params are compared at that scale
-    compare(results, layout, ref_out, ref_grads, ref_params, 5e-2, 1e-1, 8e-2)
+    compare(results, layout, ref_out, ref_grads, {}, 5e-2, 1e-1, 0.0)
+    # The Adam step moves most elements by ~lr (1e-2), about a bf16 ulp of weights near 1, so the
+    # parameters themselves say little: compare the updates. Expected: the fp32 reference update
+    # applied to the bf16-rounded start and rounded to bf16 as the model params are; an element may
+    # round to the neighbouring bf16 value (one ulp) without counting. Measured per parameter:
+    # ||update - expected|| / ||expected|| (0 = exact; 1 = no step at all; 0.5 = half the LR).
+    errs = update_errors(results, sd, ref_params)
+    worst = max(errs, key=errs.get)
+    print(f"bf16 {name}: update rel err median {sorted(errs.values())[len(errs) // 2]:.3f}, max {errs[worst]:.3f} ({worst})")
+    assert errs[worst] <= BF16_UPDATE_TOL, f"update of {worst}: rel err {errs[worst]:.3f}"
+
+
+BF16_UPDATE_TOL = 0.25
+
+
+def update_errors(results, start: dict, ref_params: dict) -> dict[str, float]:
+    """Per parameter, the worst rank's ||measured update - expected|| / ||expected|| (bf16 model params)."""
+    errs: dict[str, float] = {}
+    for r in results:
+        for k, p in r["params"].items():
+            p0 = start[k].bfloat16().double()
+            expected = (p0 + (ref_params[k].double() - start[k].double())).bfloat16().double() - p0
+            ulp = torch.exp2(torch.floor(torch.log2(p0.abs().clamp_min(1e-30))) - 7)  # bf16: 8 bits
+            miss = ((p.double() - p0 - expected).abs() - ulp).clamp_min(0)
+            err = float(miss.norm() / expected.norm().clamp_min(1e-30))
+            errs[k] = max(errs.get(k, 0.0), err)
+    assert set(errs) == set(ref_params), sorted(set(errs) ^ set(ref_params))[:5]
+    return errs
 
 
 def test_pipeline_with_micro_batches_of_different_shapes():

@@ -1,8 +1,9 @@
 """`mugv demo [--out runs/demo] [--nproc 2] [--fast] [--overwrite]`: the built-in CPU demo.
 
 Synthetic moving-shape clips -> PCA autoencoder + tiny T5 -> `mugv prep`-path dataset -> the
-demo curriculum (images at TP=2, then video at PP=2) -> HF export -> `mugv sample` mp4s, and
-the loss curve as CSV/PNG. About 10 minutes on 2 CPU cores (`--fast`: about a minute, a smoke test).
+demo curriculum (images at TP=2, then video at PP=2) -> HF export -> 8 sampled clips, scored for
+colour and direction against their captions, and the loss curve as CSV/PNG (mugv.demo.pipeline).
+About 8 minutes on 2 CPU cores (`--fast`: about a minute, a smoke test).
 """
 
 from __future__ import annotations

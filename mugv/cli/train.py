@@ -29,7 +29,7 @@ def load(args):
 
 def run(args) -> int:
     cfg = load(args)  # fails here, before any process starts, on a bad key or value
-    from mugv.parallel.launch import Rendezvous, SignalRelay, single_process_env
+    from mugv.parallel.launch import Rendezvous, SignalRelay, launch_env, single_process_env
 
     if args.dry_run:
         from mugv.training.plan import describe
@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         cmd = rendezvous.command(args.nproc, ["train", args.config, *args.overrides],
                                  rdzv_id=os.environ.get("RDZV_ID", "mugv"))  # fmt: skip
-        return SignalRelay().run(cmd, os.environ)
+        return SignalRelay().run(cmd, launch_env(os.environ, args.nproc))
     from mugv.training.trainer import train
 
     if "WORLD_SIZE" in os.environ:  # under torchrun

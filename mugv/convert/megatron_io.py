@@ -23,7 +23,7 @@ from mugv.checkpoint.weights import dist_session, iter_release_weights, write_we
 from mugv.convert.sources import ReleaseSource, expected_shapes
 from mugv.models.mugdit import CONFIG_NAME, MUGDiTConfig
 from mugv.utils.checkpoint_io import save_safetensors_sharded, save_torch_atomic, write_json_atomic
-from mugv.utils.logging import get_logger
+from mugv.utils.logging import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -46,7 +46,8 @@ def to_hf(
     with dist_session():
         if out is not None:
             tensors = iter_release_weights(ckpt_dir, config, ema, batch_bytes)
-            save_safetensors_sharded(tensors, out, max_shard_bytes)
+            total = len(expected_shapes(config))
+            save_safetensors_sharded(progress(tensors, total, "to-hf tensors"), out, max_shard_bytes)
             write_json_atomic(os.path.join(out, CONFIG_NAME), {"model_type": "mugdit", **config.to_dict()})
         if release is not None:
             # one torch.save: the whole dict is in memory at once (stored dtype, no fp32 copy)

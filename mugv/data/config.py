@@ -41,15 +41,15 @@ class DataConfig:
     """The latent loader. `paths`: mugv dataset directories and/or release training CSVs
     (`sample_id,source,latent_path,text_feat_path`)."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # dataset directories / release CSVs (required to train)
     token_budget: int = 50402  # DiT tokens per micro-batch per DP rank (one 720p 5 s clip)
-    max_batch_size: int = 64
+    max_batch_size: int = 64  # cap on samples per micro-batch (small latents would fill the budget)
     batch_sizes: dict[str, int] = field(default_factory=dict)  # per-bucket override, "TxHxW" -> B
     mix: MixConfig = field(default_factory=MixConfig)
-    seed: int = 1234
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    pin_memory: bool = False
+    seed: int = 1234  # sample order and task assignment
+    num_workers: int = 2  # loader worker processes per rank (0 = in the main process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies
     text_len: int = 300  # cap on text tokens (T5 max length; 0 = none); a batch is as long as its longest caption
     default_fps: float = 24.0  # fps of samples that carry none (release CSV rows)
     release_vae_stats: str = (

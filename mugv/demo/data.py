@@ -20,7 +20,7 @@ log = get_logger("demo")
 
 @dataclass
 class DemoDataConfig:
-    num_videos: int = 64
+    num_videos: int = 192  # clips: 2 shapes x 4 colours x 4 directions, ~6 of each at random sizes
     num_images: int = 128
     frames: int = 17  # 8k+1 -> k+1 latent frames
     size: int = 64  # square clips, pixels

@@ -1,11 +1,14 @@
-"""`run_demo`: the whole framework end to end on a CPU in minutes.
+"""`run_demo`: the whole framework end to end on a CPU in minutes, through library calls.
 
     1. data      synthetic clips + images -> PCA autoencoder + tiny T5 -> run_prep -> dataset
-    2. train     the demo curriculum (configs/curriculum/demo.yaml: an image stage at TP=2, then a
-                 video stage at PP=2 started from it), with the demo's sizes as overrides
-    3. export    the last stage's EMA weights -> HF directory (`mugv convert to-hf`)
-    4. sample    prompts like the training captions -> mp4s (`mugv sample`, CFG)
-    5. report    the loss per logged step of both stages -> loss.csv (+ loss.png)
+    2. train     the demo curriculum (configs/curriculum/demo.yaml, shipped with the package: an
+                 image stage at TP=2, then a video stage at PP=2 started from it), with the
+                 demo's sizes as overrides (run_curriculum: one torchrun of `mugv train` per stage)
+    3. export    the last stage's EMA weights -> HF directory (mugv.convert.to_hf)
+    4. sample    8 captions (4 colours x 2 directions each) -> clips (mugv.sampling, CFG) -> mp4s
+    5. score     per clip: is the dominant colour the captioned one, and does the shape's centroid
+                 move the captioned way (mugv.demo.score)? -> "sample score: colour a/8, direction b/8"
+    6. report    the loss per logged step of both stages -> loss.csv + loss.png
 
 Everything goes under one output directory; nothing is downloaded.
 """
@@ -17,23 +20,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mugv.demo.data import DemoDataConfig, build_demo_data
 from mugv.demo.plot import read_loss_curves, write_loss_csv, write_loss_png
+from mugv.demo.score import ClipScore, format_scores, score_clip, score_prompts
 from mugv.utils.logging import get_logger
 
 log = get_logger("demo")
 
-REPO_CURRICULUM = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "configs",
-    "curriculum",
-    "demo.yaml",
-)
+CURRICULUM = "curriculum/demo.yaml"  # among the packaged configs (mugv.config.find_config)
 SHIFT_RATIO = 1.0
-PROMPTS = (
-    "a red circle moving left to right on a black background",
-    "a blue square moving top to bottom on a black background",
-)
 
 
 @dataclass
@@ -41,14 +38,13 @@ class DemoPlan:
     """The sizes of a demo run (the full run by default; `fast()` for tests)."""
 
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
-    image_steps: int = 480
-    video_steps: int = 420
+    image_steps: int = 240
+    video_steps: int = 1200
     # model.* overrides: the preset's 72 channels are fewer than a token's 96 latent values
     model: tuple[str, ...] = ("model.hidden_size=192", "model.depth=4", "model.num_heads=4")
     log_interval: int = 10
     sample_steps: int = 25
     guidance: float = 4.0
-    prompts: tuple[str, ...] = PROMPTS
 
     @classmethod
     def fast(cls) -> DemoPlan:
@@ -59,7 +55,6 @@ class DemoPlan:
             model=(),
             log_interval=2,
             sample_steps=4,
-            prompts=PROMPTS[:1],
         )
 
 
@@ -78,7 +73,16 @@ class DemoResult:
     last_loss: float
     hf_dir: str
     videos: list[str]
+    scores: list[ClipScore]
     seconds: dict[str, float]
+
+    @property
+    def colour_score(self) -> int:
+        return sum(s.colour_ok for s in self.scores)
+
+    @property
+    def direction_score(self) -> int:
+        return sum(s.direction_ok for s in self.scores)
 
     def format(self) -> str:
         lines = [
@@ -92,8 +96,8 @@ class DemoResult:
             f"  TensorBoard    tensorboard --logdir {os.path.dirname(self.run_dirs[0])}",
             f"  HF export      {self.hf_dir}",
         ]
-        lines += [f"  sample video   {v}" for v in self.videos]
-        return "\n".join(lines)
+        lines += [f"  samples        {os.path.dirname(self.videos[0])}/ ({len(self.videos)} mp4)"]
+        return "\n".join([*lines, format_scores(self.scores)])
 
 
 def derive_curriculum(src: str, dst: str, plan: DemoPlan, nproc: int) -> str:
@@ -135,18 +139,18 @@ def run_demo(
     nproc: int = 2,
     plan: DemoPlan | None = None,
     overwrite: bool = False,
-    curriculum: str = REPO_CURRICULUM,
+    curriculum: str = CURRICULUM,
 ) -> DemoResult:
-    from mugv.cli.main import main as mugv_main
+    from mugv.config import find_config
+    from mugv.convert import to_hf
     from mugv.training.curriculum import run_curriculum
 
     plan = plan or DemoPlan()
+    curriculum = find_config(curriculum)
     if os.path.exists(out) and os.listdir(out):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    if not os.path.isfile(curriculum):
-        raise FileNotFoundError(f"demo curriculum not found: {curriculum} (run from a source checkout)")
     os.makedirs(out, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -167,25 +171,12 @@ def run_demo(
     t0 = time.monotonic()
     hf = os.path.join(out, "hf")
     log.info(f"demo 3/4: exporting the EMA weights of {results[-1].run_dir} -> {hf}")
-    _cli(mugv_main, ["convert", "to-hf", "--ckpt", results[-1].run_dir, "--ema", "--out", hf])
+    to_hf(results[-1].run_dir, hf, ema=True)
     seconds["export"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    videos = []
-    for i, prompt in enumerate(plan.prompts):
-        path = os.path.join(out, "samples", f"sample_{i}.mp4")
-        log.info(f"demo 4/4: sampling {prompt!r} -> {path}")
-        # fmt: off
-        _cli(mugv_main, [
-            "sample", "--model", hf, "--t5", data.t5, "--text-length", str(plan.data.text_length),
-            "--vae", data.autoencoder, "--prompt", prompt, "--frames", str(plan.data.frames),
-            "--height", str(plan.data.size), "--width", str(plan.data.size), "--fps", str(plan.data.fps),
-            "--steps", str(plan.sample_steps), "--guidance", str(plan.guidance), "--seed", str(i),
-            "--shift-ratio", str(SHIFT_RATIO),
-            "--device", "cpu", "--out", path,
-        ])
-        # fmt: on
-        videos.append(path)
+    log.info(f"demo 4/4: sampling and scoring {len(score_prompts())} captions -> {out}/samples")
+    videos, scores = sample_and_score(hf, data, plan, os.path.join(out, "samples"))
     seconds["sample"] = time.monotonic() - t0
 
     run_dirs = [r.run_dir for r in results]
@@ -207,11 +198,32 @@ def run_demo(
         last_loss=losses[-1] if losses else float("nan"),
         hf_dir=hf,
         videos=videos,
+        scores=scores,
         seconds=seconds,
     )
 
 
-def _cli(main, argv: list[str]) -> None:
-    rc = main(argv)
-    if rc:
-        raise RuntimeError(f"`mugv {' '.join(argv)}` exited with {rc}")
+def sample_and_score(hf: str, data, plan: DemoPlan, out_dir: str) -> tuple[list[str], list[ClipScore]]:
+    """Sample one clip per score caption (one CFG batch, seed 0), write them as mp4 and score them."""
+    from mugv.demo.pca_ae import PCAAutoencoder
+    from mugv.sampling import load_model, sample_latents
+    from mugv.text import T5TextEncoder
+    from mugv.utils.video import to_uint8_frames, write_video
+
+    model = load_model(hf)
+    text = T5TextEncoder(data.t5, max_length=plan.data.text_length, device="cpu")
+    ae = PCAAutoencoder.load(data.autoencoder)
+    specs = score_prompts()
+    size, frames = plan.data.size, plan.data.frames
+    latents = sample_latents(
+        model, text, [s.caption() for s in specs], ae.latent_shape(frames, size, size), negative_prompt="",
+        steps=plan.sample_steps, guidance=plan.guidance, seed=0, fps=plan.data.fps, shift_ratio=SHIFT_RATIO,
+    )  # fmt: skip
+    clips = [to_uint8_frames(v) for v in ae.decode(latents).clamp(-1, 1)]  # each uint8 [F, H, W, 3]
+    os.makedirs(out_dir, exist_ok=True)
+    videos = []
+    for i, (spec, clip) in enumerate(zip(specs, clips, strict=True)):
+        path = os.path.join(out_dir, f"{i}_{spec.colour}_{spec.shape}_{spec.direction}.mp4")
+        write_video(path, clip, fps=plan.data.fps)
+        videos.append(path)
+    return videos, [score_clip(np.asarray(c), s) for c, s in zip(clips, specs, strict=True)]

@@ -2,7 +2,7 @@
 
 Every clip is described by a `ShapeClip` (shape, colour, background, direction, size, offset)
 drawn from a seeded generator, rendered with a one-pixel soft edge, and captioned from its
-description ("a red circle moving left to right on a black background"). `write_demo_media`
+description ("a red circle moving right on a black background"). `write_demo_media`
 writes mp4 clips, PNG images (first frames of further clips) and the CSV captions file that
 `mugv prep` reads.
 """
@@ -27,11 +27,13 @@ BACKGROUNDS = {"black": (0, 0, 0)}
 SHAPES = ("circle", "square")
 JITTER_R, JITTER_O = (0.19, 0.22), (0.45, 0.55)
 # direction -> unit motion (dx, dy) in image coordinates (y down)
+# one distinct word per direction: a tiny random text encoder tells words apart far more easily
+# than word order ("left to right" vs "right to left")
 DIRECTIONS = {
-    "left to right": (1, 0),
-    "right to left": (-1, 0),
-    "top to bottom": (0, 1),
-    "bottom to top": (0, -1),
+    "right": (1, 0),
+    "left": (-1, 0),
+    "down": (0, 1),
+    "up": (0, -1),
 }
 
 

@@ -128,6 +128,15 @@ class Rendezvous:
             raise LaunchError(f"{what} asks for nnodes={nnodes}, but {how}")
 
 
+def launch_env(env: Mapping[str, str], nproc: int) -> dict[str, str]:
+    """The environment for torchrun: OMP_NUM_THREADS=1 with several processes unless set (what
+    torchrun would set itself, without its banner about it)."""
+    out = dict(env)
+    if nproc > 1:
+        out.setdefault("OMP_NUM_THREADS", "1")
+    return out
+
+
 class SignalRelay:
     """Runs a launcher in its own session; SIGTERM / SIGUSR1 go to its children (the training
     processes, which save and exit), SIGINT to the launcher (which stops them). `received` is the

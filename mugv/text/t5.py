@@ -13,15 +13,6 @@ import torch
 from mugv.utils.logging import get_logger
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """transformers >= 4.56 takes `dtype`; older releases only `torch_dtype`."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
-
-
 class T5TextEncoder:
     """Tokenise (pad to `max_length`, truncate, EOS appended) and run a T5 encoder.
 
@@ -52,7 +43,7 @@ class T5TextEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
             model = T5EncoderModel.from_pretrained(
-                self.model_dir, local_files_only=True, **_dtype_kwarg(self.dtype)
+                self.model_dir, local_files_only=True, dtype=self.dtype
             )
         except (OSError, ValueError) as err:
             raise OSError(f"cannot load a T5 encoder + tokenizer from {self.model_dir}: {err}") from err

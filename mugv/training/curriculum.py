@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mugv.config import ConfigError, find_config, load_config
-from mugv.parallel.launch import Rendezvous, SignalRelay
+from mugv.parallel.launch import Rendezvous, SignalRelay, launch_env
 from mugv.training.config import TrainConfig
 from mugv.utils.logging import get_logger
 
@@ -246,7 +246,7 @@ def run_curriculum(
             else f"from {stage.cfg.train.init_from or 'scratch'}"
         )
         log.info(f"stage {stage.name}: {stage.world_size} processes, {what} -> {run_dir}")
-        rc = relay.run(cmd, env)
+        rc = relay.run(cmd, launch_env(env, stage.nproc))
         step = checkpoint_step(run_dir)
         if rc == 0 and rendezvous.endpoint and (step is None or step < steps) and not relay.received:
             step = _wait_for_step(run_dir, steps)

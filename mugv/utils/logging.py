@@ -28,6 +28,7 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     ("Apex is not installed", UserWarning),
     ("full scope is deprecated", UserWarning),  # Megatron's own default cuda_graph_scope
     ("`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
+    ("`load_state_dict` is deprecated and will be removed", FutureWarning),  # dist_checkpointing's load
     # Megatron's DDP reads .grad of its bucket views (non-leaf tensors) on purpose
     ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning),
 )
@@ -68,6 +69,8 @@ def configure_logging(level: str | None = None, cuda: bool | None = None) -> Non
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level or os.environ.get("MUGV_LOG_LEVEL", "INFO"))
+    if not sys.stderr.isatty():  # Hugging Face's own bars (transformers reads this at import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if cuda is None:
         import torch
 

@@ -26,7 +26,7 @@ from mugv.data.buckets import BucketTable, BucketTableConfig
 from mugv.data.prep.captions import PrepItem, read_captions
 from mugv.data.prep.media import MediaError, is_image, read_image, read_video, to_unit_range
 from mugv.data.store import DatasetWriter, PreparedSample, read_failures
-from mugv.utils.logging import get_logger
+from mugv.utils.logging import get_logger, progress
 
 log = get_logger("prep")
 
@@ -52,7 +52,7 @@ class PrepConfig:
     retry_failed: bool = False
     log_every_s: float = 30.0
     # used by the `mugv prep` command to build the encoders
-    vae: str = ""  # release vae.pt
+    vae: str = ""  # autoencoder: release vae.pt or a JSON spec (mugv.sampling.load_autoencoder)
     t5: str = ""  # local T5 directory
     device: str = ""  # "" = cuda:LOCAL_RANK if available, else cpu
     encoder_dtype: str = "bfloat16"  # on CUDA; CPU always runs the encoders in float32
@@ -133,7 +133,8 @@ def run_prep(
     summary = PrepSummary(items=len(mine), already_done=len(mine) - len(todo))
     log.info(f"prep rank {rank}/{world_size}: {len(todo)} of {len(mine)} items to do -> {cfg.output}")
     start = last_log = time.monotonic()
-    for c in range(0, len(todo), cfg.text_batch):
+    chunks = range(0, len(todo), cfg.text_batch)
+    for c in progress(chunks, total=len(chunks), desc=f"prep ({cfg.text_batch} items per step)"):
         chunk = todo[c : c + cfg.text_batch]
         texts = _encode_texts(text_encoder, [it.caption for it in chunk], text_dtype)
         for item, (y, mask) in zip(chunk, texts, strict=True):

@@ -65,8 +65,6 @@ class MUGDiTTransformerConfig(TransformerConfig):
                 f"Ulysses context parallelism needs heads per TP rank ({self.num_attention_heads // tp}) "
                 f"divisible by the context parallel size {cp}; use cp_attention='allgather'"
             )
-        # the conditioning embedders live on every pipeline stage; Megatron sums their grads over PP
-        self.has_cond_embedder = True
 
     @property
     def dit(self) -> MUGDiTConfig:
