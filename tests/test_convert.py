@@ -109,6 +109,8 @@ def test_verify_passes_in_process_and_at_tp2(converted, tmp_path):
     assert result.ok and result.max_rel < 1e-5
     result = verify(dit, ckpt, tp=2, launcher=run_distributed)
     assert result.ok and result.max_rel < 1e-5
+    result = verify(dit, ckpt, cp=2, launcher=run_distributed)  # `mugv convert verify --cp 2`
+    assert result.ok and result.max_rel < 1e-5
     assert cli(["convert", "verify", "--hf", dit, "--ckpt", ckpt, "--ema"]) == 0
 
 

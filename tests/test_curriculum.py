@@ -70,7 +70,7 @@ def test_two_stages_hand_over_weights_across_layouts_and_skip_when_done(tmp_path
 
 
 def test_stage_with_a_checkpoint_short_of_its_steps_is_resumed_not_skipped(tmp_path):
-    cur = write_curriculum(tmp_path, "[]")
+    cur = write_curriculum(tmp_path, "[optim.decay_steps=1]")  # wsd: warmup + decay fit 3 steps
     stages = resolve_stages(cur, str(tmp_path / "runs"), ["data.paths=[x]"])
     ckpts = os.path.join(stages[0].cfg.run_dir, "checkpoints")
     os.makedirs(os.path.join(ckpts, "step_00000003"))
@@ -85,7 +85,7 @@ def test_stage_with_a_checkpoint_short_of_its_steps_is_resumed_not_skipped(tmp_p
 
 
 def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
-    cur = write_curriculum(tmp_path, "[]")
+    cur = write_curriculum(tmp_path, "[optim.decay_steps=1]")  # wsd: warmup + decay fit 3 steps
     stage = resolve_stages(cur, str(tmp_path), ["data.paths=[x]"])[0]
     rendezvous = Rendezvous.from_env(
         {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "29501"}
@@ -158,7 +158,8 @@ def test_single_node_script_dry_run(tmp_path):
     assert out.stdout.count("memory estimate per device") == 5
     assert "--nnodes=8 --node-rank=$NODE_RANK --rdzv-backend=c10d" in out.stdout
     stage = subprocess.run(
-        [script, os.path.join(STAGES, "demo_images.yaml"), "--nproc", "2", "--dry-run", "optim.lr=5e-4"],
+        [script, os.path.join(STAGES, "demo_images.yaml"), "--nproc", "2", "--dry-run", "optim.lr=5e-4",
+         "data.paths=[x]"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -112,7 +112,7 @@ class OptimConfig:
                f"optim.schedule must be constant/cosine/wsd, got {self.schedule!r}")  # fmt: skip
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                f"optim.betas = {list(self.betas)} must be two values in [0, 1)")  # fmt: skip
-        _check(self.lr > 0, f"optim.lr = {self.lr} must be > 0")
+        _check(self.lr >= 0, f"optim.lr = {self.lr} must be >= 0")
         _check(self.eps > 0, f"optim.eps = {self.eps} must be > 0")
         for name in ("weight_decay", "clip_grad"):
             _check(getattr(self, name) >= 0, f"optim.{name} = {getattr(self, name)} must be >= 0")
