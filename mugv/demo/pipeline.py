@@ -38,8 +38,8 @@ class DemoPlan:
     """The sizes of a demo run (the full run by default; `fast()` for tests)."""
 
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
-    image_steps: int = 200
-    video_steps: int = 1500
+    image_steps: int = 240
+    video_steps: int = 1200
     # model.* overrides: the preset's 72 channels are fewer than a token's 96 latent values
     model: tuple[str, ...] = ("model.hidden_size=192", "model.depth=4", "model.num_heads=4")
     log_interval: int = 10
