@@ -19,8 +19,8 @@ by *kind*; no file can name code to import:
   1. path is a .json file: the spec itself ({"kind": ..., "weights": file relative to the json, ...});
   2. else a spec next to the weights: `<path>.json` or `<path minus extension>.json`;
   3. else kind "video_vae" (a release vae.pt).
-Kind "video_vae" (VideoVAE.from_release; optional "config": VideoVAEConfig fields) is built in;
-register_autoencoder(kind, loader) adds others (the CLI registers the demo's "pca"). Latent sizes
+Built in: kind "video_vae" (VideoVAE.from_release; optional "config": VideoVAEConfig fields) and
+kind "pca" (mugv.vae.pca, the CPU stand-in); register_autoencoder(kind, loader) adds others. Latent sizes
 come from the autoencoder's `latent_shape(frames, height, width)` if it has one, else the VideoVAE
 rule (8k+1 frames -> k+1, 8x spatial).
 """
@@ -58,7 +58,13 @@ def _load_video_vae(weights, spec, device, dtype):
     )
 
 
-AUTOENCODER_KINDS: dict[str, AutoencoderLoader] = {"video_vae": _load_video_vae}
+def _load_pca(weights: str | None, spec: dict, device: torch.device, dtype: torch.dtype):
+    from mugv.vae.pca import load_pca_autoencoder
+
+    return load_pca_autoencoder(weights, spec, device, dtype)
+
+
+AUTOENCODER_KINDS: dict[str, AutoencoderLoader] = {"video_vae": _load_video_vae, "pca": _load_pca}
 
 
 def register_autoencoder(kind: str, loader: AutoencoderLoader) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mugv.demo.pca_ae import PCAAutoencoder, psnr
+from mugv.vae.pca import PCAAutoencoder, psnr
 from mugv.demo.shapes import COLOURS, DIRECTIONS, JITTER_O, JITTER_R, random_clips, render, write_demo_media
 
 
@@ -69,10 +69,8 @@ def test_pca_autoencoder_round_trip_and_interface(tmp_path):
     with pytest.raises(ValueError, match="8k\\+1"):
         ae.encode(test[:, :, :12])
 
-    from mugv.demo.pca_ae import KIND, load_pca_autoencoder
-    from mugv.sampling import latent_size, load_autoencoder, register_autoencoder
+    from mugv.sampling import latent_size, load_autoencoder
 
-    register_autoencoder(KIND, load_pca_autoencoder)
     spec = ae.save(str(tmp_path / "ae" / "pca.safetensors"))
     for path in (spec, str(tmp_path / "ae" / "pca.safetensors")):
         loaded = load_autoencoder(path)

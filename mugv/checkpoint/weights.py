@@ -21,6 +21,7 @@ from mugv.checkpoint.locate import COMPLETE, MODEL_CONFIG, read_model_config, re
 from mugv.models.megatron.weight_map import full_mapping, merge, split
 from mugv.models.mugdit import MUGDiTConfig
 from mugv.utils.checkpoint_io import write_json_atomic
+from mugv.utils.logging import progress
 
 PREFIXES = ("model.", "ema.")
 
@@ -111,7 +112,8 @@ def write_weights_checkpoint(
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("write_weights_checkpoint runs in one process; call it outside a multi-rank job")
     state = {}
-    for row in full_mapping(config.depth):
+    rows = full_mapping(config.depth)
+    for row in progress(rows, total=len(rows), desc="from-hf tensors"):
         tensor = split(get(row.release), row.layout, 0, 1, config.num_heads).contiguous()
         for prefix in PREFIXES:
             key = prefix + global_key(row)

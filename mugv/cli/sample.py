@@ -12,8 +12,8 @@ The phases run one model at a time (T5, then the DiT, then the decode), each fre
 next is loaded; `--dry-run` prints the estimated peak memory of each phase and loads no weights.
 
 --vae accepts an autoencoder path understood by mugv.sampling.load_autoencoder (a vae.pt, or a
-JSON spec / a JSON next to the weights naming a registered "kind": "video_vae" or the demo's
-"pca"). With a Megatron checkpoint, --ema samples from its EMA weights. --out *.pt writes the
+JSON spec / a JSON next to the weights naming a registered "kind": "video_vae" or the CPU
+stand-in "pca"). With a Megatron checkpoint, --ema samples from its EMA weights. --out *.pt writes the
 fp32 video tensor [3, F, H, W] in [-1, 1] instead of an mp4.
 """
 
@@ -97,7 +97,6 @@ def run(args) -> int:
         print("mugv sample: --out is required", file=sys.stderr)
         return 2
     from mugv.convert import parse_config_arg
-    from mugv.demo.pca_ae import KIND, load_pca_autoencoder
     from mugv.sampling import (
         decode_latents,
         encode_prompts,
@@ -105,13 +104,11 @@ def run(args) -> int:
         latent_size,
         load_autoencoder,
         load_model,
-        register_autoencoder,
         sample_latents,
     )  # fmt: skip
     from mugv.text import T5TextEncoder
     from mugv.utils.video import to_uint8_frames, write_video
 
-    register_autoencoder(KIND, load_pca_autoencoder)
     negative = args.negative_prompt if args.guidance != 1.0 else None
     text = T5TextEncoder(args.t5, max_length=args.text_length, device=device, dtype=dtype)
     cond = encode_prompts(text, [args.prompt], negative, args.prompt_suffix)

@@ -205,7 +205,7 @@ def run_demo(
 
 def sample_and_score(hf: str, data, plan: DemoPlan, out_dir: str) -> tuple[list[str], list[ClipScore]]:
     """Sample one clip per score caption (one CFG batch, seed 0), write them as mp4 and score them."""
-    from mugv.demo.pca_ae import PCAAutoencoder
+    from mugv.vae.pca import PCAAutoencoder
     from mugv.sampling import load_model, sample_latents
     from mugv.text import T5TextEncoder
     from mugv.utils.video import to_uint8_frames, write_video

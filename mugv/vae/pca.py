@@ -1,4 +1,4 @@
-"""A linear PCA autoencoder standing in for the video VAE in the CPU demo.
+"""A linear PCA autoencoder: the video VAE's stand-in for CPU demos and smoke runs.
 
 It keeps the VAE's interface and latent geometry (mugv.vae.VideoVAE): pixels [B, 3, 8k+1, H, W]
 in [-1, 1] <-> normalised latents [B, 24, k+1, H/8, W/8]. As in the VAE, latent frame 0 holds
@@ -7,8 +7,8 @@ patch of frame 0 (192 values) is projected on its own PCA basis, each 8x8x8 bloc
 group (1536 values) on another, both to 24 components, which are then normalised per channel
 as the VAE does: z = (coefficient - shift) / scale.
 
-Saved as safetensors + a JSON spec next to it of kind "pca": `mugv sample` registers that kind
-(load_pca_autoencoder) with mugv.sampling.register_autoencoder, so `--vae <spec>` loads it.
+Saved as safetensors + a JSON spec next to it of kind "pca", one of mugv.sampling's built-in
+autoencoder kinds, so `mugv sample --vae <spec>` and training previews load it like a VAE.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ T, S = 8, 8  # pixel frames per latent frame, pixels per latent pixel
 FIRST_DIM, GROUP_DIM = 3 * S * S, 3 * T * S * S  # 192, 1536
 KIND = "pca"
 
-log = get_logger("demo")
+log = get_logger("vae")
 
 
 @dataclass
@@ -175,7 +175,7 @@ class PCAAutoencoder(nn.Module):
 
 
 def load_pca_autoencoder(weights: str | None, spec: dict, device: torch.device, dtype: torch.dtype):
-    """The loader of kind "pca" for mugv.sampling.register_autoencoder."""
+    """The loader of autoencoder kind "pca" (mugv.sampling.AUTOENCODER_KINDS)."""
     if weights is None:
         raise ValueError("a PCA autoencoder spec needs 'weights' (the .safetensors file)")
     return PCAAutoencoder.load(weights, device, dtype)
