@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mugv.vae.pca import PCAAutoencoder, psnr
 from mugv.demo.shapes import COLOURS, DIRECTIONS, JITTER_O, JITTER_R, random_clips, render, write_demo_media
+from mugv.vae.pca import PCAAutoencoder, psnr
 
 
 def pixels(specs, frames=17, size=64) -> torch.Tensor:

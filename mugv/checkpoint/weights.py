@@ -112,7 +112,7 @@ def write_weights_checkpoint(
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("write_weights_checkpoint runs in one process; call it outside a multi-rank job")
     state = {}
-    rows = full_mapping(config.depth)
+    rows = list(full_mapping(config.depth))
     for row in progress(rows, total=len(rows), desc="from-hf tensors"):
         tensor = split(get(row.release), row.layout, 0, 1, config.num_heads).contiguous()
         for prefix in PREFIXES:

@@ -11,9 +11,9 @@ import torch
 from mugv.data.buckets import BucketTable, BucketTableConfig
 from mugv.data.prep import PrepConfig, read_captions, read_image, read_video, run_prep
 from mugv.data.prep.media import is_image, to_unit_range
-from mugv.vae.pca import PCAAutoencoder, psnr
 from mugv.demo.shapes import DemoMedia, write_demo_media
 from mugv.utils.logging import get_logger
+from mugv.vae.pca import PCAAutoencoder, psnr
 
 log = get_logger("demo")
 

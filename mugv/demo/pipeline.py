@@ -205,10 +205,10 @@ def run_demo(
 
 def sample_and_score(hf: str, data, plan: DemoPlan, out_dir: str) -> tuple[list[str], list[ClipScore]]:
     """Sample one clip per score caption (one CFG batch, seed 0), write them as mp4 and score them."""
-    from mugv.vae.pca import PCAAutoencoder
     from mugv.sampling import load_model, sample_latents
     from mugv.text import T5TextEncoder
     from mugv.utils.video import to_uint8_frames, write_video
+    from mugv.vae.pca import PCAAutoencoder
 
     model = load_model(hf)
     text = T5TextEncoder(data.t5, max_length=plan.data.text_length, device="cpu")
