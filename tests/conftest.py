@@ -44,9 +44,10 @@ def mixed_batch(cfg: MUGDiTConfig, B=3, T=3, H=5, W=6, L=7, seed=1):
     y = torch.randn(B, 1, L, cfg.caption_channels, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)
     for b in range(B):
-        mask[b, L - 2 * b :] = b == 0  # lengths L, L-2, L-4
+        mask[b, max(1, L - 2 * b) :] = b == 0  # lengths L, L-2, L-4
     x_mask = torch.ones(B, T, dtype=torch.bool)
-    x_mask[1, 0] = False  # sample 1 is image-to-video
+    if B > 1 and T > 1:
+        x_mask[1, 0] = False  # sample 1 is image-to-video
     fps = torch.tensor([30.0, 24.0, 8.0][:B] + [30.0] * max(0, B - 3))
     frame_indices = torch.arange(T + 2).repeat(B, 1)
     frame_indices[-1] += 5
@@ -56,3 +57,12 @@ def mixed_batch(cfg: MUGDiTConfig, B=3, T=3, H=5, W=6, L=7, seed=1):
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+def packed_microbatch(cfg: MUGDiTConfig, groups, seed=1):
+    """A packed micro-batch: groups [(B, T, H, W, L), ...] of same-shape samples, each a
+    mixed_batch; returns (model inputs as lists over the groups, targets as a list)."""
+    parts = [mixed_batch(cfg, B=B, T=T, H=H, W=W, L=L, seed=seed + i) for i, (B, T, H, W, L) in enumerate(groups)]
+    g = torch.Generator().manual_seed(seed + 100)
+    targets = [torch.randn(p["x"].shape[0], 24, *p["x"].shape[2:], generator=g) for p in parts]
+    return {k: [p[k] for p in parts] for k in parts[0]}, targets

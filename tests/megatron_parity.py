@@ -1,6 +1,11 @@
 """Run the Megatron MUGDiT at a parallel layout on N gloo ranks and bring back, in the release
 layout, what the single-process reference is compared against: the (gathered) outputs, every
-parameter's gradient after finalize, and every parameter after one optimizer step."""
+parameter's gradient after finalize, and every parameter after one optimizer step.
+
+The loss is the training loss (mugv.training.step): the mean over all samples of the step of each
+sample's masked flow loss. A micro-batch is a batch dict of tensors, or a packed one: a dict of
+lists over groups of same-shape samples (the model's packed input), its target a list too; the
+reference runs every sample of a packed micro-batch alone through the plain model."""
 
 from __future__ import annotations
 
@@ -86,12 +91,12 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from mugv.diffusion import flow_loss
     from mugv.models import MUGDiTConfig
-    from mugv.models.megatron import build_model_chunks, megatron_config, padded_sequence_length
+    from mugv.models.megatron import build_model_chunks, megatron_config
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
+    from mugv.training.step import per_sample_loss, sample_mean_loss
 
     init_distributed(tp=layout.tp, pp=layout.pp, cp=layout.cp, vpp=layout.vpp)
     dit = MUGDiTConfig(**dit_kwargs)
@@ -139,8 +144,9 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     opt.zero_grad()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
-    if microbatches is not None:
-        mbs = [{**b, "target": t} for b, t in microbatches]
+    if microbatches is not None:  # explicit micro-batches: one list, or one list per DP rank
+        mine = microbatches[dp_rank] if dp > 1 else microbatches
+        mbs = [{**b, "target": t} for b, t in mine]
     else:
         local = split_batch({**batch, "target": target}, dp)[dp_rank]
         mbs = split_batch(local, layout.microbatches)
@@ -152,20 +158,20 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         out = module(**inputs)
 
         def loss_func(output):
-            outputs.append(output.detach())
-            # every CP rank computes the full loss from the gathered output; Megatron's schedule
-            # multiplies it by the CP size, which DDP's 1/(DP*CP) averaging undoes
-            loss = flow_loss(output, mb["target"], inputs["x_mask"]).mean()
-            return loss, {"loss": loss.detach()}
+            outputs.append(output.detach() if torch.is_tensor(output) else [o.detach() for o in output])
+            # every CP rank computes the full loss from the gathered output; each holds the gradient
+            # of its own token slice, summed over DP x CP and divided by the step's sample count
+            per_sample = per_sample_loss(output, mb["target"], inputs["x_mask"])
+            return *sample_mean_loss(per_sample), {"per_sample": per_sample.detach()}
 
         return out, loss_func
 
-    seq = max(padded_sequence_length(cfg, *mb["x"].shape[2:]) for mb in mbs)
+    seq = max(sequence_length(cfg, mb["x"]) for mb in mbs)
     data = [iter(mbs) for _ in model] if len(model) > 1 else iter(mbs)
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=model if len(model) > 1 else model[0],
         num_microbatches=len(mbs), seq_length=seq,
-        micro_batch_size=mbs[0]["x"].shape[0], forward_only=False,
+        micro_batch_size=1 if isinstance(mbs[0]["x"], list) else mbs[0]["x"].shape[0], forward_only=False,
     )
     grads = to_release(model, "grad", layout.distopt, dit.num_heads)
     ok, grad_norm, _ = opt.step()
@@ -175,19 +181,43 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     return dict(outputs=outputs, dp_rank=dp_rank, grads=grads, params=params)
 
 
-def reference(model, batch, target, microbatches=None):
-    """Single-process output, gradients and params after one Adam step (release layout).
-    With `microbatches` [(batch, target), ...] the loss is the mean of the micro-batch losses."""
+def sequence_length(cfg, x) -> int:
+    from mugv.models.megatron import packed_sequence_length, padded_sequence_length
+
+    if isinstance(x, list):
+        return packed_sequence_length(cfg, [tuple(g.shape[2:]) for g in x for _ in range(g.shape[0])])
+    return padded_sequence_length(cfg, *x.shape[2:])
+
+
+def run_alone(model, batch: dict, target):
+    """Every sample of a micro-batch through `model` on its own: (outputs shaped like the
+    micro-batch's -- a tensor, or a list over packed groups --, per-sample losses [K])."""
     from mugv.diffusion import flow_loss
 
+    packed = isinstance(batch["x"], list)
+    groups = [{k: v[g] for k, v in batch.items()} for g in range(len(batch["x"]))] if packed else [batch]
+    targets = target if packed else [target]
+    outs, losses = [], []
+    for b, t in zip(groups, targets):
+        alone = [model(**{k: v[i : i + 1] for k, v in b.items()}) for i in range(b["x"].shape[0])]
+        losses += [flow_loss(o, t[i : i + 1], b["x_mask"][i : i + 1]) for i, o in enumerate(alone)]
+        outs.append(torch.cat(alone))
+    return (outs if packed else outs[0]), torch.cat(losses)
+
+
+def reference(model, batch, target, microbatches=None):
+    """Single-process output, gradients and params after one Adam step (release layout), every
+    sample run alone; the loss is the mean over all samples. `microbatches`: [(batch, target), ...]
+    (or a list of those per DP rank), outputs returned per micro-batch."""
     if microbatches is None:
-        out = model(**batch)
-        loss = flow_loss(out, target, batch["x_mask"]).mean()
+        out, losses = run_alone(model, batch, target)
     else:
-        out = [model(**b) for b, _ in microbatches]
-        loss = sum(flow_loss(o, t, b["x_mask"]).mean() for o, (b, t) in zip(out, microbatches)) / len(out)
-        out = [o.detach() for o in out]
-    loss.backward()
+        flat = [mb for mbs in microbatches for mb in mbs] if isinstance(microbatches[0], list) else microbatches
+        runs = [run_alone(model, b, t) for b, t in flat]
+        losses = torch.cat([r[1] for r in runs])
+        detach = lambda o: o.detach() if torch.is_tensor(o) else [g.detach() for g in o]
+        out = [detach(r[0]) for r in runs]
+    losses.mean().backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), **ADAM)
     opt.step()

@@ -1,13 +1,14 @@
 """Every parallel layout of the Megatron MUGDiT against the plain single-process MUGDiT with the
 same release-layout weights and batch (I2V sample, per-sample text lengths, odd H):
 outputs to 1e-5, every gradient and every parameter after one Adam step to 1e-4 (relative to
-the tensor's largest magnitude)."""
+the tensor's largest magnitude). Packed micro-batches (samples of different shapes in one
+sequence) against every sample run alone through the plain model, likewise."""
 
 import dataclasses
 
 import pytest
 import torch
-from conftest import TINY, mixed_batch, tiny_model
+from conftest import TINY, mixed_batch, packed_microbatch, tiny_model
 
 from tests.dist_harness import run_distributed
 from tests.megatron_parity import Layout, parity_worker, reference, split_batch
@@ -128,4 +129,54 @@ def test_pipeline_with_micro_batches_of_different_shapes():
     assert len(last) == 1
     for got, expect in zip(last[0]["outputs"], ref_out):
         assert got.shape == expect.shape and rel(got, expect) <= 1e-5
+    compare([{**r, "outputs": None} for r in results], layout, None, ref_grads, ref_params, 0, 1e-4, 1e-4)
+
+
+# A packed micro-batch: two I2V/T2V clips 3x5x6 (29 tokens each), an image 1x4x4 (6 tokens), a
+# clip 2x6x3 (odd W, 14 tokens); text lengths differ within and across groups. 78 tokens: TP/CP
+# shards cut through samples.
+PACK = [(2, 3, 5, 6, 7), (1, 1, 4, 4, 5), (1, 2, 6, 3, 6)]
+PACKED_LAYOUTS = {
+    "tp2_sp": Layout(tp=2, sp=True),
+    "cp2_a2a": Layout(cp=2, cp_attention="a2a"),
+    "cp2_allgather": Layout(cp=2, cp_attention="allgather"),
+    "pp2": Layout(pp=2),  # two packed micro-batches of different compositions
+    "dp2_unequal": Layout(dp=2),  # 3 samples on one rank, 1 on the other: the mean over all 4
+    "tp2_cp2_selective": Layout(tp=2, sp=True, cp=2, recompute="selective"),
+}
+
+
+def packed_problem(name):
+    model = tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72)
+    cfg = model.config
+    if name == "pp2":
+        mbs = [packed_microbatch(cfg, PACK, seed=1), packed_microbatch(cfg, [(1, 2, 4, 4, 3), (2, 1, 6, 6, 4)], seed=7)]
+    elif name == "dp2_unequal":
+        mbs = [[packed_microbatch(cfg, PACK[:2], seed=1)], [packed_microbatch(cfg, PACK[2:], seed=4)]]
+    else:
+        mbs = [packed_microbatch(cfg, PACK, seed=1)]
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return sd, mbs, reference(model, None, None, mbs)
+
+
+@pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
+def test_packed_micro_batch_matches_samples_run_alone(name):
+    """Each sample of a packed micro-batch gets the output it gets alone (1e-5) and the step the
+    gradients of the mean of the samples' losses run alone (1e-4)."""
+    sd, mbs, (ref_out, ref_grads, ref_params) = packed_problem(name)
+    layout = PACKED_LAYOUTS[name]
+    results = run_distributed(parity_worker, layout.world, layout, dict(TINY, depth=4, num_heads=4), sd, None, None,
+                              mbs, timeout=240)
+    per_rank = ref_out if layout.dp == 1 else None
+    seen = 0
+    for r in results:
+        if r["outputs"] is None:
+            continue
+        expect = per_rank if per_rank is not None else [ref_out[r["dp_rank"]]]
+        assert len(r["outputs"]) == len(expect)
+        for got_mb, want_mb in zip(r["outputs"], expect):
+            for got, want in zip(got_mb, want_mb, strict=True):
+                assert got.shape == want.shape and rel(got, want) <= 1e-5, f"output rel err {rel(got, want):.2e}"
+        seen += 1
+    assert seen >= layout.dp
     compare([{**r, "outputs": None} for r in results], layout, None, ref_grads, ref_params, 0, 1e-4, 1e-4)

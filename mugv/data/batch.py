@@ -23,6 +23,11 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
                                              batch stream (see mugv.data.sampler)
 
 `num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2).
+
+`PackedBatch`: a packed micro-batch (data.packing), samples of several buckets that the model
+runs as one sequence: `parts`, one LatentBatch per bucket (its samples of one shape), plus the
+same per-micro-batch fields. Both types have `parts` (a LatentBatch is its own only part),
+`ids`, `tasks`, `skipped`, `planned`, `stream_index`, `len`, `to` and `pin_memory`.
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ class LatentBatch:
         _, _, t, h, w = self.latents.shape
         return _num_tokens(t, h, w)
 
+    @property
+    def parts(self) -> list[LatentBatch]:
+        return [self]
+
     def _map(self, fn) -> LatentBatch:
         return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in TENSOR_FIELDS})
 
@@ -71,3 +80,39 @@ class LatentBatch:
     def pin_memory(self) -> LatentBatch:
         """Called by torch's DataLoader when pin_memory=True."""
         return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class PackedBatch:
+    parts: list[LatentBatch]  # one per bucket, in the order the planner packed them
+    stream_index: int = -1
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for p in self.parts for i in p.ids]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for p in self.parts for t in p.tasks]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [i for p in self.parts for i in p.skipped]
+
+    @property
+    def planned(self) -> int:
+        return sum(p.planned for p in self.parts)
+
+    @property
+    def num_tokens(self) -> int:
+        """DiT tokens of the whole packed sequence (start and end tokens included)."""
+        return sum(len(p) * p.num_tokens for p in self.parts)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        return dataclasses.replace(self, parts=[p.to(device, non_blocking) for p in self.parts])
+
+    def pin_memory(self) -> PackedBatch:
+        return dataclasses.replace(self, parts=[p.pin_memory() for p in self.parts])

@@ -8,12 +8,20 @@ t=0 vector. `TokenLayout.runs()` cuts any contiguous slice of that sequence (all
 plain model; one rank's shard under sequence/context parallelism) into runs of whole frames,
 so a per-frame table [.., T+1, ..] (row T = the start/end row) is applied by broadcasting over
 the S tokens of a frame instead of being materialised per token.
+
+A packed micro-batch (`PackedLayout`) puts several samples of different shapes one after another
+in one sequence (batch dimension 1): sample k is [start, T_k*S_k tokens, end] at
+[bounds[k], bounds[k+1]), its per-frame table rows follow the previous samples' (T_j + 1 each),
+and padding after the last sample belongs to the last sample's start/end row. Attention is
+block-diagonal: `segment_spans` cuts any range of query rows into per-sample pieces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -100,6 +108,71 @@ class TokenLayout:
         return torch.stack([t, h.expand(B, -1), w.expand(B, -1)], dim=-1)
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Several samples' sequences one after another (a packed micro-batch), and the slice [lo, hi)
+    of the whole (right-padded) sequence this module holds; same interface as TokenLayout."""
+
+    samples: tuple[TokenLayout, ...]  # each sample's geometry (their own lo/hi unused)
+    lo: int = 0
+    hi: int | None = None
+
+    @cached_property
+    def bounds(self) -> tuple[int, ...]:
+        """Sample k holds tokens [bounds[k], bounds[k+1]); bounds[-1] = N."""
+        return (0, *accumulate(s.N for s in self.samples))
+
+    @cached_property
+    def row_offsets(self) -> tuple[int, ...]:
+        """Sample k's per-frame table rows start at row_offsets[k] (T_j + 1 rows per sample)."""
+        return (0, *accumulate(s.T + 1 for s in self.samples))
+
+    @property
+    def N(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def stop(self) -> int:
+        return self.N if self.hi is None else self.hi
+
+    def shard(self, lo: int, hi: int) -> PackedLayout:
+        return PackedLayout(self.samples, lo, hi)
+
+    def _pieces(self):
+        """(sample k, its TokenLayout shard, local offset of the piece) for the samples the slice
+        touches; padding past N goes with the last sample."""
+        lo, hi, c, K = self.lo, self.stop, self.bounds, len(self.samples)
+        for k, s in enumerate(self.samples):
+            a, b = max(lo, c[k]), (hi if k == K - 1 else min(hi, c[k + 1]))
+            if a < b:
+                yield k, s.shard(a - c[k], b - c[k]), a - lo
+
+    def runs(self) -> list[Run]:
+        return [
+            Run(r.offset + off, r.frames, r.per_frame, r.row_lo + self.row_offsets[k])
+            for k, piece, off in self._pieces()
+            for r in piece.runs()
+        ]
+
+    def positions(self, frame_indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(t, h, w) RoPE positions of the held tokens, [1, n, 3]; frame_indices[k]: [T_k + 2]."""
+        parts = [piece.positions(frame_indices[k].view(1, -1)) for k, piece, _ in self._pieces()]
+        return torch.cat(parts, dim=1)
+
+
+def segment_spans(bounds: Sequence[int], lo: int, hi: int) -> list[tuple[int, int, int, int, int]]:
+    """Cut query rows [lo, hi) of a packed sequence (sample k at [bounds[k], bounds[k+1])) per
+    sample: (q_lo, q_hi, k_lo, k_hi, k) with q relative to lo and the sample's own key rows
+    [k_lo, k_hi) global. The spans cover [lo, hi) exactly; rows past the last sample (padding)
+    join the last sample's span."""
+    K, spans = len(bounds) - 1, []
+    for k in range(K):
+        a, b = max(lo, bounds[k]), (hi if k == K - 1 else min(hi, bounds[k + 1]))
+        if a < b:
+            spans.append((a - lo, b - lo, bounds[k], bounds[k + 1], k))
+    return spans
+
+
 def frame_table(x_mask: torch.Tensor, cond: torch.Tensor, cond0: torch.Tensor) -> torch.Tensor:
     """Per-frame conditioning [B, T+1, ...]: cond where x_mask, cond0 elsewhere; row T = cond0."""
     B, T = x_mask.shape
@@ -129,3 +202,15 @@ def apply_per_frame(
         rows = [t.narrow(seq_dim, r.row_lo, r.frames).unsqueeze(seq_dim + 1) for t in tables]
         pieces.append(fn(seg, *rows).flatten(seq_dim, seq_dim + 1))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=seq_dim)
+
+
+def packed_frame_table(x_masks: Sequence[torch.Tensor], cond: torch.Tensor, cond0: torch.Tensor) -> torch.Tensor:
+    """Per-frame conditioning of a packed micro-batch, [F, ...] with F = sum over samples of T_k + 1:
+    x_masks[g] [B_g, T_g] for each group of same-shape samples; cond, cond0 [K, ...] per sample in
+    the same order (rows of sample k follow PackedLayout.row_offsets)."""
+    tables, k = [], 0
+    for xm in x_masks:
+        b = xm.shape[0]
+        tables.append(frame_table(xm, cond[k : k + b], cond0[k : k + b]).flatten(0, 1))
+        k += b
+    return torch.cat(tables)

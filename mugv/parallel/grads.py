@@ -10,7 +10,13 @@ After the backward passes of a global batch:
    whole over DP (a masked all-reduce of these small parameters) before the pipeline sum;
 3. parameters replicated over TP that see only part of the work -- this rank's sequence shard
    under sequence parallelism (`param.sequence_parallel`) or this rank's heads (QK-norm weights,
-   `param.tp_partial_grad`) -- are summed over the TP group.
+   `param.tp_partial_grad`) -- are summed over the TP group;
+4. with `calculate_per_token_loss` (the DiT's setting: the loss function returns the sum of its
+   micro-batch's per-sample losses and their count, Megatron sums gradients over micro-batches and
+   DP x CP instead of averaging), every gradient is divided by the step's sample count: the count
+   of the last pipeline stage, summed over DP (not CP: every CP rank counts the same samples, while
+   each holds the gradient of its own token slice only). The step's loss is then the mean over
+   all its samples, however they were split into micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -98,9 +104,32 @@ def _sum_tensor_parallel_partial(chunks, config) -> None:
     _all_reduce_(grads, tp_group)
 
 
+def _divide_by_sample_count(chunks, num_samples: torch.Tensor) -> None:
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:  # only the last stage saw the loss
+        dist.broadcast(num_samples, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    dp_group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(num_samples, group=dp_group)
+    n = int(num_samples)
+    if n <= 0:
+        raise RuntimeError(
+            "calculate_per_token_loss is set but the step counted no samples: the loss function must "
+            "return (sum of per-sample losses, sample count, report) -- see mugv.training.step.sample_mean_loss"
+        )
+    for chunk in chunks:
+        if hasattr(chunk, "scale_gradients"):
+            chunk.scale_gradients(1.0 / n)
+        else:
+            for _, p in _named_params(chunk):
+                if p.requires_grad:
+                    p.main_grad.mul_(1.0 / n)
+
+
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce: bool = False) -> None:
     """Megatron finalize_model_grads_func for MUGDiT chunks (DDP-wrapped, or plain modules with
-    `main_grad` set). num_tokens is unused: the DiT loss is already a mean."""
+    `main_grad` set). num_tokens: the samples this rank's loss counted (with
+    calculate_per_token_loss), else None (a loss that is already a mean)."""
     chunks = list(model)
     config = chunks[0].config
     for chunk in chunks:
@@ -108,3 +137,5 @@ def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce:
             chunk.finish_grad_sync(force_all_reduce=force_all_reduce)
     _sum_pipeline_replicated(chunks, config)
     _sum_tensor_parallel_partial(chunks, config)
+    if num_tokens is not None:
+        _divide_by_sample_count(chunks, num_tokens)

@@ -17,7 +17,7 @@ from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
-from mugv.models.megatron import padded_sequence_length
+from mugv.models.megatron import packed_sequence_length, padded_sequence_length
 from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
@@ -104,19 +104,18 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        seq = max(padded_sequence_length(self.mcfg, *b.latents.shape[2:]) for b in batches)
         one = len(self.model) == 1
         results = get_forward_backward_func()(
             forward_step_func=self.forward_step,
             data_iterator=iter(batches) if one else [iter(batches) for _ in self.model],
             model=self.model[0] if one else self.model,
             num_microbatches=len(batches),
-            seq_length=seq,
-            micro_batch_size=max(len(b) for b in batches),
+            seq_length=max(sequence_length(self.mcfg, b) for b in batches),
+            micro_batch_size=max(len(b) if len(b.parts) == 1 else 1 for b in batches),
             forward_only=False,
         )
-        losses = [r["loss"] for r in results]  # only the last pipeline stage has them
-        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        losses = [r["per_sample"] for r in results]  # only the last pipeline stage has them
+        loss = torch.cat(losses).mean() if losses else torch.zeros(())  # this rank's samples
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())  # the one grad-norm reduction of the step
         ids = [i for b in batches for i in b.ids]
@@ -166,8 +165,11 @@ class Trainer:
             out = self.train_step([b.to(self.dist.device) for b in batches])
             if self.records_metrics:  # host copies of the batches: no device sync for text lengths
                 for b, r in zip(batches, out["results"]):
-                    self.metrics.record_samples(r["per_sample"], b.tasks, b.bucket, tuple(b.latents.shape[2:]),
-                                                b.mask.sum(1).tolist())
+                    k = 0
+                    for p in b.parts:
+                        self.metrics.record_samples(r["per_sample"][k : k + len(p)], p.tasks, p.bucket,
+                                                    tuple(p.latents.shape[2:]), p.mask.sum(1).tolist())
+                        k += len(p)
             self.step += 1
             self.history.append(out["loss"])
             self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
@@ -185,6 +187,13 @@ class Trainer:
         self.metrics.close()
         self.signals.uninstall()
         return 0
+
+
+def sequence_length(mcfg, batch) -> int:
+    """The padded DiT sequence length of a micro-batch (Megatron's `seq_length`)."""
+    if len(batch.parts) == 1:
+        return padded_sequence_length(mcfg, *batch.parts[0].latents.shape[2:])
+    return packed_sequence_length(mcfg, [tuple(p.latents.shape[2:]) for p in batch.parts for _ in range(len(p))])
 
 
 def train(cfg: TrainConfig) -> int:

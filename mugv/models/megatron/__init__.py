@@ -2,7 +2,12 @@
 the release <-> Megatron weight map."""
 
 from mugv.models.megatron.config import MUGDiTTransformerConfig, megatron_config
-from mugv.models.megatron.model import MUGDiTMegatron, build_model_chunks, padded_sequence_length
+from mugv.models.megatron.model import (
+    MUGDiTMegatron,
+    build_model_chunks,
+    packed_sequence_length,
+    padded_sequence_length,
+)
 from mugv.models.megatron.spec import get_layer_spec
 
 __all__ = [
@@ -11,5 +16,6 @@ __all__ = [
     "build_model_chunks",
     "get_layer_spec",
     "megatron_config",
+    "packed_sequence_length",
     "padded_sequence_length",
 ]

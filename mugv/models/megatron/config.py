@@ -109,6 +109,9 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
         rope_theta=dit.rope_theta,
         rope_max_hw=dit.rope_max_hw,
         rope_max_t=dit.rope_max_t,
+        # the loss function returns (sum of per-sample losses, sample count): the step's loss is the
+        # mean over all its samples (mugv.training.step.sample_mean_loss, mugv.parallel.grads)
+        calculate_per_token_loss=True,
         **{**_derived_defaults(parallel, dit.depth), **parallel},
     )
 

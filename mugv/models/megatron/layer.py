@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from mugv.models.layout import TokenLayout, apply_per_frame
+from mugv.models.layout import PackedLayout, TokenLayout, apply_per_frame, segment_spans
 from mugv.models.megatron.comm import gather_seq, heads_to_seq, seq_to_heads
+from mugv.models.megatron.packed import attend_spans
 from mugv.models.megatron.recompute import SelectiveRecompute, cheap, reuse
 from mugv.models.mugdit import _gate, _modulate
 from mugv.models.rope import apply_rope
@@ -34,12 +36,20 @@ from mugv.models.rope import apply_rope
 class DiTContext:
     """Per-forward inputs every layer needs, computed once by the model."""
 
-    layout: TokenLayout  # the slice of the (padded) sequence this rank's hidden states hold
-    n_real: int  # N = T*S + 2; positions >= N are padding
+    layout: TokenLayout | PackedLayout  # the slice of the (padded) sequence this rank's hidden states hold
+    n_real: int  # N = T*S + 2 (packed: sum over samples); positions >= N are padding
     rope: torch.Tensor  # [n_cp, B, 1, D/2] angles of this rank's context-parallel chunk
-    frame_mod: torch.Tensor  # [T+1, B, 6C] adaLN-single output per frame (row T: start/end)
+    frame_mod: torch.Tensor  # [T+1, B, 6C] adaLN-single output per frame (row T: start/end); packed [F, 1, 6C]
     text: torch.Tensor  # [sum(text_lens), 1, C]: the real text tokens of all samples, packed
     text_lens: list[int]  # per sample; cross-attention and its K/V projection see only these
+    # packed micro-batch (batch dim 1): sample k holds tokens [bounds[k], bounds[k+1]); attention is
+    # per sample. None: one sample per batch row, each the whole sequence
+    bounds: tuple[int, ...] | None = None
+    chunk_lo: int = 0  # global position of the first row of this rank's context-parallel chunk
+
+    def spans(self, lo: int, n: int) -> list[tuple[int, int, int, int, int]]:
+        """Packed: query rows [lo, lo + n) (global) cut per sample, see layout.segment_spans."""
+        return segment_spans(self.bounds, lo, lo + n)
 
 
 def tag(params, **attrs) -> None:
@@ -62,26 +72,31 @@ class SDPACoreAttention(MegatronModule):
     q, k, v: [n, B, h, D] for this rank's context-parallel chunk. With CP > 1 either all-to-all
     over heads (Ulysses: each rank attends the full sequence with h/cp heads) or all-gather of
     K/V (each rank attends its queries to all keys). Padding keys are sliced off, so attention
-    is exact with no mask."""
+    is exact with no mask. A packed sequence (ctx.bounds) is attended per sample: block-diagonal,
+    one SDPA call per sample on CPU, one flash-attn variable-length call on GPU (packed.py)."""
 
     def __init__(self, config, **_):
         super().__init__(config)
         self.mode = config.cp_attention
         self.cp_group = parallel_state.get_context_parallel_group() if config.context_parallel_size > 1 else None
 
-    def forward(self, q, k, v, n_real: int) -> torch.Tensor:
+    def forward(self, q, k, v, ctx: DiTContext) -> torch.Tensor:
         n, B, h, D = q.shape
         a2a = self.cp_group is not None and self.mode == "a2a"
         if a2a:
             q, k, v = (seq_to_heads(t, self.cp_group) for t in (q, k, v))  # [N', B, h/cp, D]
         elif self.cp_group is not None:
             k, v = gather_seq(k, self.cp_group), gather_seq(v, self.cp_group)  # [N', B, h, D]
-        k, v = k[:n_real], v[:n_real]
-        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, h, n, D]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, h', n', D]
+        if ctx.bounds is None:
+            outs = [F.scaled_dot_product_attention(q, k[:, :, : ctx.n_real], v[:, :, : ctx.n_real])]  # [B, h, n, D]
+        else:  # per sample; queries are the whole sequence (a2a) or this CP chunk
+            outs = attend_spans(q, k, v, ctx.spans(0 if a2a else ctx.chunk_lo, q.shape[2]))
+        merged = lambda *o: o[0] if len(o) == 1 else torch.cat(o, dim=2)  # pieces along n
         if a2a:
-            return heads_to_seq(out.permute(2, 0, 1, 3), self.cp_group).reshape(n, B, h * D)
-        to_seq = lambda o: o.permute(2, 0, 1, 3).reshape(n, B, h * D)  # [B, h, n, D] -> [n, B, h*D]
-        return reuse(to_seq(out), to_seq, out)
+            return heads_to_seq(merged(*outs).permute(2, 0, 1, 3), self.cp_group).reshape(n, B, h * D)
+        to_seq = lambda *o: merged(*o).permute(2, 0, 1, 3).reshape(n, B, h * D)  # [B, h, n, D] -> [n, B, h*D]
+        return reuse(to_seq(*outs), to_seq, *outs)
 
 
 @dataclass
@@ -121,7 +136,7 @@ class SelfAttention(MegatronModule):
         # QK RMSNorm + RoPE: under recompute they keep only their bf16 input (a view of qkv)
         q = cheap(lambda t, r: apply_rope(self.q_layernorm(t), r), q, ctx.rope)
         k = cheap(lambda t, r: apply_rope(self.k_layernorm(t), r), k, ctx.rope)
-        out = self.core_attention(q, k, v, ctx.n_real)  # [n, B, C/tp]
+        out = self.core_attention(q, k, v, ctx)  # [n, B, C/tp]
         out, _ = self.linear_proj(out)  # [n, B, C] (reduce-scattered under sequence parallelism)
         return out
 
@@ -168,18 +183,21 @@ class CrossAttention(MegatronModule):
         k, v = kv.view(kv.shape[0], self.heads, 2, -1).unbind(2)  # each [S, h, D]
         k = cheap(self.k_layernorm, k)
         lens = ctx.text_lens
-        if len(set(lens)) == 1:  # equal lengths: one batched call
+        start = [0, *accumulate(lens)]
+        text_of = lambda s: (t[start[s] : start[s] + lens[s]].transpose(0, 1)[None] for t in (k, v))  # [1, h, m, D]
+        qh = q.permute(1, 2, 0, 3)  # [B, h, n, D]
+        if ctx.bounds is not None:  # packed (B = 1): each sample's rows against its own text
+            outs = [F.scaled_dot_product_attention(qh[:, :, a:b], *text_of(s)) for a, b, _, _, s
+                    in ctx.spans(ctx.chunk_lo, n)]  # [1, h, n_s, D] each
+            merged = lambda *o: torch.cat(o, dim=2)
+        elif len(set(lens)) == 1:  # equal lengths: one batched call
             kb, vb = (t.view(B, lens[0], self.heads, -1).transpose(1, 2) for t in (k, v))  # [B, h, L, D]
-            out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), kb, vb)  # [B, h, n, D]
+            outs, merged = [F.scaled_dot_product_attention(qh, kb, vb)], lambda o: o  # [B, h, n, D]
         else:  # each sample against its own tokens, no padding
-            outs, lo = [], 0
-            for b, m in enumerate(lens):
-                kb, vb = (t[lo : lo + m].transpose(0, 1)[None] for t in (k, v))  # [1, h, m, D]
-                outs.append(F.scaled_dot_product_attention(q[:, b : b + 1].permute(1, 2, 0, 3), kb, vb))
-                lo += m
-            out = torch.cat(outs)  # [B, h, n, D]
-        to_seq = lambda o: o.permute(2, 0, 1, 3).reshape(n, B, -1)  # [n, B, C/tp]
-        out, _ = self.linear_proj(reuse(to_seq(out), to_seq, out))
+            outs = [F.scaled_dot_product_attention(qh[b : b + 1], *text_of(b)) for b in range(B)]
+            merged = lambda *o: torch.cat(o)  # [B, h, n, D]
+        to_seq = lambda *o: merged(*o).permute(2, 0, 1, 3).reshape(n, B, -1)  # [n, B, C/tp]
+        out, _ = self.linear_proj(reuse(to_seq(*outs), to_seq, *outs))
         return out
 
 

@@ -5,12 +5,19 @@ conditioning embedders (every chunk: timestep, fps, adaLN-single and text; their
 summed over the pipeline), the patch embedder and start/end tokens on the first chunk and the
 final layer on the last. The token sequence is right-padded to a multiple of TP*CP (sequence
 parallel) or CP, split in contiguous chunks over CP and then over TP; see layout.TokenLayout.
+
+A packed micro-batch (samples of different shapes: lists over groups of same-shape samples) is
+one sequence of batch size 1, the samples' [start, tokens, end] one after another
+(layout.PackedLayout), split the same way. Self-attention is per sample (block-diagonal),
+cross-attention per sample against its own text, RoPE positions and the per-frame modulation
+per sample; pipeline stages exchange [n, 1, C] (variable_seq_lengths).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -21,7 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mugv.models.layout import TokenLayout, frame_table
+from mugv.models.layout import PackedLayout, TokenLayout, frame_table, packed_frame_table
 from mugv.models.megatron.comm import gather_seq
 from mugv.models.megatron.config import MUGDiTTransformerConfig
 from mugv.models.megatron.layer import DiTContext, tag
@@ -55,11 +62,17 @@ def sequence_shards(config: MUGDiTTransformerConfig) -> tuple[int, int]:
     return tp, config.context_parallel_size
 
 
-def padded_sequence_length(config: MUGDiTTransformerConfig, T: int, H: int, W: int) -> int:
+def padded_sequence_length(config: MUGDiTTransformerConfig, T: int, H: int, W: int, samples: int = 1) -> int:
     """Global token count N' (T*S + 2 rounded up to the sequence shard count) for latent T x H x W;
-    the `seq_length` Megatron's pipeline schedules need."""
+    the `seq_length` Megatron's pipeline schedules need. `samples` > 1: that many packed in one
+    sequence."""
+    return packed_sequence_length(config, [(T, H, W)] * samples)
+
+
+def packed_sequence_length(config: MUGDiTTransformerConfig, shapes) -> int:
+    """N' of a packed micro-batch of latents of the given (T, H, W) shapes (one sample each)."""
     tp_shards, cp = sequence_shards(config)
-    n = T * -(-H // PATCH[1]) * -(-W // PATCH[2]) + 2
+    n = sum(T * -(-H // PATCH[1]) * -(-W // PATCH[2]) + 2 for T, H, W in shapes)
     return -(-n // (tp_shards * cp)) * tp_shards * cp
 
 
@@ -109,65 +122,155 @@ class MUGDiTMegatron(MegatronModule):
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, frame_indices=None):
         """Same inputs as mugv.models.MUGDiT (every pipeline stage receives the batch).
         Returns [B, Cout, T, H, W] fp32 (gathered) on the last stage, else this rank's hidden
-        states [n, B, C]."""
-        cfg = self.config
-        dt = self.t_block[1].weight.dtype
+        states [n, B, C].
+
+        A packed micro-batch (samples of different shapes in one sequence) is given as lists over
+        groups of same-shape samples, every argument a list of the same length: x[g]
+        [B_g, Cin, T_g, H_g, W_g], timestep[g] [B_g], y[g] [B_g, 1, L_g, Ct], mask[g] [B_g, L_g],
+        x_mask[g], fps[g], frame_indices[g] as for a batch (None: defaults). It runs as one
+        sequence of batch size 1 with per-sample attention, and returns a list of [B_g, Cout, T_g,
+        H_g, W_g]: each sample gets what it gets alone."""
+        if isinstance(x, (list, tuple)):
+            return self._forward_packed(x, timestep, y, mask, x_mask, fps, frame_indices)
         B, _, T, H, W = x.shape
         full = TokenLayout(T, -(-H // PATCH[1]), -(-W // PATCH[2]))
-        N = full.N
-        tp_shards, cp = sequence_shards(cfg)
+        x_mask, fps, frame_indices = default_conditioning(x, x_mask, fps, frame_indices)
+        timestep, text, text_lens = self._text(timestep, y, mask)
+        # 1. conditioning: per-frame embeddings and modulation, text, RoPE angles of this CP chunk
+        e, e0, m, m0 = self._embed(timestep, fps)  # [B, C], [B, 6C]
+        frame_emb = frame_table(x_mask, e, e0).transpose(0, 1)  # [T+1, B, C]
+        frame_mod = frame_table(x_mask, m, m0).transpose(0, 1)  # [T+1, B, 6C]
+        split = self._split(full.N)
+        pos = full.shard(split.cp_lo, split.cp_lo + split.n_cp).positions(frame_indices)  # [B, n_cp, 3]
+        ctx = DiTContext(full.shard(split.lo, split.lo + split.n_loc), full.N, self._rope(pos), frame_mod, text,
+                         text_lens, chunk_lo=split.cp_lo)
+        # 2. this rank's slice of [start, video tokens, end, padding]
+        h = self._local_tokens(self._framed_tokens(x), split) if self.pre_process else self.input_tensor
+        # 3. layers, 4. final layer
+        h = run_layers(self.layers, h, ctx)
+        if not self.post_process:
+            return h
+        out = self._final(h, frame_emb, ctx.layout)[1 : full.N - 1].transpose(0, 1)  # [B, T*S, 4*Cout]
+        return unpatchify(out, T, full.Hp, full.Wp, self.config.out_channels)[..., :H, :W].float()
+
+    def _forward_packed(self, x, timestep, y, mask, x_mask, fps, frame_indices):
+        G = len(x)
+        per_group = [mask, x_mask, fps, frame_indices]
+        for name, arg in zip(("timestep", "y", "mask", "x_mask", "fps", "frame_indices"), [timestep, y, *per_group]):
+            if arg is not None and (not isinstance(arg, (list, tuple)) or len(arg) != G):
+                raise ValueError(f"packed micro-batch: {name} must be a list over the {G} groups like x")
+        pick = lambda a, g: None if a is None else a[g]
+        conds = [default_conditioning(x[g], pick(x_mask, g), pick(fps, g), pick(frame_indices, g)) for g in range(G)]
+        shapes = [(xg.shape[0], *xg.shape[2:]) for xg in x]  # (B_g, T_g, H_g, W_g)
+        geo = [TokenLayout(T, -(-H // PATCH[1]), -(-W // PATCH[2])) for _, T, H, W in shapes]
+        full = PackedLayout(tuple(lay for (b, *_), lay in zip(shapes, geo) for _ in range(b)))
+        masks = [torch.ones(xg.shape[0], yg.shape[-2], dtype=torch.bool, device=yg.device) if pick(mask, g) is None
+                 else mask[g] for g, (xg, yg) in enumerate(zip(x, y))]
+        timestep, text, text_lens = self._text(torch.cat(list(timestep)), list(y), masks)
+        # 1. conditioning per sample-frame: tables [F, 1, .] with F = sum of T_k + 1 over samples
+        e, e0, m, m0 = self._embed(timestep, torch.cat([c[1] for c in conds]))
+        x_masks = [c[0] for c in conds]
+        frame_emb = packed_frame_table(x_masks, e, e0)[:, None]  # [F, 1, C]
+        frame_mod = packed_frame_table(x_masks, m, m0)[:, None]  # [F, 1, 6C]
+        split = self._split(full.N)
+        fis = [fi for c in conds for fi in c[2]]  # per sample [T_k + 2]
+        pos = full.shard(split.cp_lo, split.cp_lo + split.n_cp).positions(fis)  # [1, n_cp, 3]
+        ctx = DiTContext(full.shard(split.lo, split.lo + split.n_loc), full.N, self._rope(pos), frame_mod, text,
+                         text_lens, bounds=full.bounds, chunk_lo=split.cp_lo)
+        # 2. the samples' framed sequences one after another: [N, C] -> this rank's slice [n_loc, 1, C]
+        if self.pre_process:
+            seq = torch.cat([self._framed_tokens(xg).flatten(0, 1) for xg in x])  # [N, C]
+            h = self._local_tokens(seq[None], split)
+        else:
+            h = self.input_tensor
+        # 3. layers, 4. final layer, then each group's samples back to their latents
+        h = run_layers(self.layers, h, ctx)
+        if not self.post_process:
+            return h
+        out = self._final(h, frame_emb, ctx.layout)[:, 0]  # [N', 4*Cout]
+        outs, lo = [], 0
+        for (b, T, H, W), lay in zip(shapes, geo):
+            o = out[lo : lo + b * lay.N].view(b, lay.N, -1)[:, 1:-1]  # [B_g, T*S, 4*Cout]
+            outs.append(unpatchify(o, T, lay.Hp, lay.Wp, self.config.out_channels)[..., :H, :W].float())
+            lo += b * lay.N
+        return outs
+
+    # -- pieces of the forward -------------------------------------------------------------------
+
+    def _text(self, timestep, y, mask):
+        """The timestep in the model dtype, and the real text tokens of all samples packed
+        [sum(text_lens), 1, C] with their lengths. y [B, 1, L, Ct] (or [B, L, Ct]) with mask [B, L],
+        or lists of them (packed groups)."""
+        dt = self.t_block[1].weight.dtype
+        ys, masks = (y, mask) if isinstance(y, list) else ([y], [mask])
+        real, text_lens = [], []
+        for yg, mg in zip(ys, masks):
+            yg = yg.to(dt)
+            yg = yg.squeeze(1) if yg.dim() == 4 else yg  # [B, 1, Lt, Ct] -> [B, Lt, Ct]
+            B, Lt = yg.shape[:2]
+            mg = torch.ones(B, Lt, dtype=torch.bool, device=yg.device) if mg is None else mg.bool()
+            lens = mg.sum(1).tolist()  # (one host sync per group)
+            if min(lens) == 0:
+                raise ValueError("a sample has no valid text token (mask all False); encode at least EOS")
+            real.append(yg.reshape(B * Lt, -1) if min(lens) == Lt else yg[mg])  # [S_g, Ct]
+            text_lens += lens
+        text = self.y_embedder(real[0] if len(real) == 1 else torch.cat(real))[:, None]
+        return timestep.to(dt), text, text_lens
+
+    def _embed(self, timestep, fps):
+        """Per sample: e = t_emb + fps_emb, e0 at t = 0, and their adaLN-single projections."""
+        fps_emb = self.fps_embedder(fps)
+        e = self.t_embedder(timestep) + fps_emb  # [B, C]
+        e0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
+        return e, e0, self.t_block(e), self.t_block(e0)
+
+    def _split(self, N: int) -> _Split:
+        """Where this rank's tokens sit in the sequence of N tokens right-padded to N'."""
+        tp_shards, cp = sequence_shards(self.config)
         n_cp = -(-N // (tp_shards * cp)) * tp_shards  # tokens per CP rank (padded sequence / cp)
         n_loc = n_cp // tp_shards
         cp_lo = parallel_state.get_context_parallel_rank() * n_cp
         lo = cp_lo + (parallel_state.get_tensor_model_parallel_rank() * n_loc if tp_shards > 1 else 0)
-        x_mask, fps, frame_indices = default_conditioning(x, x_mask, fps, frame_indices)
-        timestep, y = timestep.to(dt), y.to(dt)
-        if y.dim() == 4:
-            y = y.squeeze(1)  # [B, 1, Lt, Ct] -> [B, Lt, Ct]
-        Lt = y.shape[1]
-        mask = torch.ones(B, Lt, dtype=torch.bool, device=y.device) if mask is None else mask.bool()
-        text_lens = mask.sum(1).tolist()  # (one host sync per forward)
-        if min(text_lens) == 0:
-            raise ValueError("a sample has no valid text token (mask all False); encode at least EOS")
+        return _Split(N, n_cp * cp, n_cp, n_loc, cp_lo, lo)
 
-        # 1. conditioning: per-frame embeddings and modulation, text, RoPE angles of this CP chunk
-        fps_emb = self.fps_embedder(fps)
-        e = self.t_embedder(timestep) + fps_emb  # [B, C]
-        e0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
-        frame_emb = frame_table(x_mask, e, e0).transpose(0, 1)  # [T+1, B, C]
-        frame_mod = frame_table(x_mask, self.t_block(e), self.t_block(e0)).transpose(0, 1)  # [T+1, B, 6C]
-        # text over the real tokens only, packed sample after sample: [sum(text_lens), 1, C]
-        real = y.reshape(B * Lt, -1) if min(text_lens) == Lt else y[mask]  # [S, Ct]
-        text = self.y_embedder(real)[:, None]
-        pos = full.shard(cp_lo, cp_lo + n_cp).positions(frame_indices)  # [B, n_cp, 3]
+    def _rope(self, pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         rope = rope_angles(pos, cfg.kv_channels, cfg.rope_theta, cfg.rope_max_t, cfg.rope_max_hw)
-        rope = rope.transpose(0, 1)[:, :, None]  # [n_cp, B, 1, D/2]
-        layout = full.shard(lo, lo + n_loc)
-        ctx = DiTContext(layout, N, rope, frame_mod, text, text_lens)
+        return rope.transpose(0, 1)[:, :, None]  # [n_cp, B, 1, D/2]
 
-        # 2. this rank's slice of [start, video tokens, end, padding]
-        if self.pre_process:
-            tokens = self.x_embedder(x.to(dt))  # [B, T*S, C]
-            edge = lambda p: p.to(dt).view(1, 1, -1).expand(B, 1, -1)
-            pad = tokens.new_zeros(B, n_cp * cp - N, tokens.shape[-1])
-            seq = torch.cat([edge(self.start_token), tokens, edge(self.end_token), pad], dim=1)  # [B, N', C]
-            h = seq.transpose(0, 1)[lo : lo + n_loc].contiguous()  # [n_loc, B, C]
-        else:
-            h = self.input_tensor
+    def _framed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Cin, T, H, W] -> [B, N, C]: [start, T*S patch tokens, end] per sample."""
+        dt = self.t_block[1].weight.dtype
+        tokens = self.x_embedder(x.to(dt))  # [B, T*S, C]
+        edge = lambda p: p.to(dt).view(1, 1, -1).expand(tokens.shape[0], 1, -1)
+        return torch.cat([edge(self.start_token), tokens, edge(self.end_token)], dim=1)
 
-        # 3. layers
-        h = run_layers(self.layers, h, ctx)
-        if not self.post_process:
-            return h
+    def _local_tokens(self, seq: torch.Tensor, split: _Split) -> torch.Tensor:
+        """[B, N, C] -> this rank's slice of the right-padded sequence, [n_loc, B, C]."""
+        pad = seq.new_zeros(seq.shape[0], split.padded - split.N, seq.shape[-1])
+        seq = torch.cat([seq, pad], dim=1)  # [B, N', C]
+        return seq.transpose(0, 1)[split.lo : split.lo + split.n_loc].contiguous()
 
-        # 4. final layer, gather the sequence (every rank computes the same loss: backward slices)
+    def _final(self, h, frame_emb, layout) -> torch.Tensor:
+        """Final layer on this rank's tokens, then the whole sequence gathered, [N', B, 4*Cout]
+        (every rank computes the same loss: backward slices)."""
         out = self.final_layer(h, frame_emb, layout, seq_dim=0)  # [n_loc, B, 4*Cout]
+        tp_shards, cp = sequence_shards(self.config)
         if tp_shards > 1:
             out = gather_seq(out, parallel_state.get_tensor_model_parallel_group(), grad="slice")
         if cp > 1:
             out = gather_seq(out, parallel_state.get_context_parallel_group(), grad="slice")
-        out = out[1 : N - 1].transpose(0, 1)  # [B, T*S, 4*Cout]
-        return unpatchify(out, T, full.Hp, full.Wp, cfg.out_channels)[..., :H, :W].float()
+        return out
+
+
+@dataclass(frozen=True)
+class _Split:
+    N: int  # real tokens
+    padded: int  # N' = N rounded up to the sequence shard count
+    n_cp: int  # tokens of this rank's context-parallel chunk
+    n_loc: int  # tokens this rank holds (n_cp / TP under sequence parallelism)
+    cp_lo: int  # global position of the CP chunk
+    lo: int  # global position of this rank's tokens
 
 
 def run_layers(layers, h: torch.Tensor, ctx: DiTContext) -> torch.Tensor:

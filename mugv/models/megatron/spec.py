@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mugv.models.megatron.comm import gather_seq, heads_to_seq, seq_to_heads
@@ -33,30 +31,32 @@ from mugv.models.megatron.layer import (
 from mugv.models.mugdit import HeadRMSNorm
 
 
-class TECoreAttention(MegatronModule):
+class TECoreAttention(SDPACoreAttention):
     """Transformer Engine's DotProductAttention as the self-attention core: the same contract as
-    SDPACoreAttention (q, k, v [n, B, h, D] of this CP chunk -> [n, B, h*D])."""
+    SDPACoreAttention (q, k, v [n, B, h, D] of this CP chunk -> [n, B, h*D]). A packed sequence
+    goes through SDPACoreAttention's per-sample path (flash-attn varlen when installed)."""
 
     def __init__(self, config, **_):
         super().__init__(config)
         from transformer_engine.pytorch import DotProductAttention
 
         cp = config.context_parallel_size
-        self.mode = config.cp_attention
-        self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
         heads = config.num_attention_heads // config.tensor_model_parallel_size
         heads //= cp if cp > 1 and self.mode == "a2a" else 1
         self.attn = DotProductAttention(heads, config.kv_channels, attention_dropout=0.0, qkv_format="sbhd",
                                         attn_mask_type="no_mask")
 
-    def forward(self, q, k, v, n_real: int):
+    def forward(self, q, k, v, ctx):
+        if ctx.bounds is not None:
+            return super().forward(q, k, v, ctx)
         n, B, h, D = q.shape
         a2a = self.cp_group is not None and self.mode == "a2a"
         if a2a:
             q, k, v = (seq_to_heads(t, self.cp_group) for t in (q, k, v))  # [N', B, h/cp, D]
         elif self.cp_group is not None:
             k, v = gather_seq(k, self.cp_group), gather_seq(v, self.cp_group)
-        out = self.attn(q.contiguous(), k[:n_real].contiguous(), v[:n_real].contiguous())  # [n', B, h'*D]
+        k, v = k[: ctx.n_real], v[: ctx.n_real]
+        out = self.attn(q.contiguous(), k.contiguous(), v.contiguous())  # [n', B, h'*D]
         if a2a:
             out = heads_to_seq(out.view(out.shape[0], B, -1, D), self.cp_group)
         return out.reshape(n, B, h * D)
