@@ -39,11 +39,13 @@ def test_overfits_a_fixed_batch(tmp_path):
 @pytest.mark.parametrize("layout", [
     ["parallel.overlap_grad_reduce=true", "parallel.bucket_size=4000"],
     ["parallel.bf16=true", "parallel.distributed_optimizer=false"],
-], ids=["distopt_overlap_many_buckets", "bf16_replicated_optimizer"])
+    ["data.packing=true", "train.microbatches=2"],
+], ids=["distopt_overlap_many_buckets", "bf16_replicated_optimizer", "packed"])
 def test_resume_is_exact(tmp_path, layout):
     """DP2: the distributed optimizer with overlapped grad reduce and many small grad buckets;
     the replicated mixed-precision optimizer (every DP rank holds each slice, the fully parallel
-    save writes it once, a resume reads the fp32 main params back into every rank)."""
+    save writes it once, a resume reads the fp32 main params back into every rank); packed
+    micro-batches of images and clips (the packed sampler's state, the model's packed path)."""
     data = dataset(str(tmp_path))
     full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 12, *layout), timeout=300)
     half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 6, *layout), timeout=300)

@@ -43,6 +43,9 @@ class DataConfig:
 
     paths: list[str] = field(default_factory=list)  # dataset directories / release CSVs (required to train)
     token_budget: int = 50402  # DiT tokens per micro-batch per DP rank (one 720p 5 s clip)
+    # pack samples of different buckets into one micro-batch (up to token_budget) and deal each step's
+    # micro-batches so that DP ranks get equal model FLOPs (mugv.data.packed_sampler); false: one bucket a micro-batch
+    packing: bool = False
     max_batch_size: int = 64  # cap on samples per micro-batch (small latents would fill the budget)
     batch_sizes: dict[str, int] = field(default_factory=dict)  # per-bucket override, "TxHxW" -> B
     mix: MixConfig = field(default_factory=MixConfig)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from mugv.data.batch import TENSOR_FIELDS, LatentBatch
+from mugv.data.batch import TENSOR_FIELDS, LatentBatch, PackedBatch
 from mugv.data.config import DataConfig
+from mugv.data.packed_sampler import PackedRequest
 from mugv.data.reader import TensorReader
 from mugv.data.sampler import BatchRequest
 from mugv.data.shm_pool import Parcel, Segment, SegmentPool, carve, carved_nbytes, pack
@@ -102,7 +103,40 @@ class LatentDataset:
     def _buffer(self, b: int, rec: SampleRecord, segs: list[Segment]) -> torch.Tensor:
         return self._alloc([((b, rec.channels, *rec.shape), torch.float32)], segs)[0]  # [B, C, T, H, W]
 
-    def __getitem__(self, req: BatchRequest) -> LatentBatch | Parcel:
+    def __getitem__(self, req: BatchRequest | PackedRequest) -> LatentBatch | PackedBatch | Parcel:
+        if isinstance(req, PackedRequest):
+            return self._packed(req)
+        batch, segs = self._build(req)
+        return self._ship(batch, segs)
+
+    def _ship(self, batch: LatentBatch, segs: list[Segment]) -> LatentBatch | Parcel:
+        if self._pool.shared and self.pool_flags is not None:
+            return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
+        return batch
+
+    def _packed(self, req: PackedRequest) -> PackedBatch:
+        """One part per bucket, each built like a bucket batch (bad samples refilled from their own
+        bucket, so the micro-batch keeps its tokens); a part with nothing readable is left out
+        (its samples counted as skipped on the first part), and a micro-batch left with no part
+        becomes one sample from anywhere. In a worker the parts travel as Parcels, which the
+        loader unpacks."""
+        parts, lost, lost_planned = [], [], 0
+        for part in req.parts:
+            batch, segs = self._build(part, fallback=False)
+            if batch is None:
+                lost += [self.records[i].id for i in part.indices]
+                lost_planned += len(part.indices)
+            else:
+                parts.append((batch, segs))
+        if not parts:  # part 0 again, now with the fallback (it counts its own bad samples)
+            n0 = len(req.parts[0].indices)
+            lost, lost_planned = lost[n0:], lost_planned - n0
+            parts = [self._build(req.parts[0])]
+        parts[0][0].skipped.extend(lost)
+        parts[0][0].planned += lost_planned
+        return PackedBatch([self._ship(b, segs) for b, segs in parts], req.stream_index)
+
+    def _build(self, req: BatchRequest, fallback: bool = True) -> tuple[LatentBatch | None, list[Segment]]:
         segs: list[Segment] = []
         latents = self._buffer(len(req.indices), self.records[req.indices[0]], segs)
         loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)
@@ -118,12 +152,11 @@ class LatentDataset:
         bucket = req.bucket
         if not loaded:
             self._give_back(segs)
+            if not fallback:
+                return None, []
             latents, loaded = self._fallback(req, segs)
             bucket = self.records[loaded[0][0]].bucket
-        batch = self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs)
-        if self._pool.shared and self.pool_flags is not None:
-            return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
-        return batch
+        return self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs), segs
 
     def _refill(self, req: BatchRequest, latents: torch.Tensor, loaded: list, lost_tasks: list[str]) -> None:
         """Replace the lost samples by random others of the bucket (in place)."""

@@ -18,19 +18,24 @@ long as needed. With pin_memory (and CUDA present) each batch is copied to pinne
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
-from mugv.data.batch import LatentBatch
+from mugv.data.batch import LatentBatch, PackedBatch
 from mugv.data.config import DataConfig
 from mugv.data.dataset import BadDataError, LatentDataset
+from mugv.data.packed_sampler import PackedBatchSampler
 from mugv.data.sampler import BucketBatchSampler
 from mugv.data.shm_pool import Parcel, Receiver, new_flags
 from mugv.data.store import SampleRecord, read_records, read_text_null
 from mugv.utils.logging import get_logger
 
 log = get_logger("data")
+
+
+PACKED_PARTS = 4  # buffers reserved per packed micro-batch, in parts (buckets); more are taken as needed
 
 
 def _as_is(x):
@@ -58,13 +63,15 @@ def load_all_records(cfg: DataConfig) -> tuple[list[SampleRecord], list[tuple[st
 
 
 class LatentLoader:
-    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, microbatches: int = 1,
+                 cost: Callable[[int, int, int], float] | None = None):
+        """microbatches: per rank and step; cost: model FLOPs of a latent (T, H, W) -- both used by
+        the packed sampler only (data.packing), which plans whole steps balanced over DP."""
         self.cfg = cfg
         self.records, index_errors = load_all_records(cfg)
         self.dataset = LatentDataset(self.records, cfg)
-        self.sampler = BucketBatchSampler(
-            [r.bucket for r in self.records], [r.task for r in self.records], cfg, dp_rank, dp_size
-        )
+        args = ([r.bucket for r in self.records], [r.task for r in self.records], cfg, dp_rank, dp_size)
+        self.sampler = PackedBatchSampler(*args, microbatches, cost) if cfg.packing else BucketBatchSampler(*args)
         self.bad_samples = len(index_errors)
         self.attempted = len(index_errors)
         self.text_embeddings = self._text_embeddings()
@@ -84,7 +91,8 @@ class LatentLoader:
         kwargs, flags = {}, None
         if self.cfg.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-            flags = new_flags(self.cfg.num_workers, 2 * self.cfg.pooled_batches)  # 2 segments a batch
+            per_batch = 2 * (PACKED_PARTS if self.cfg.packing else 1)  # 2 segments a part
+            flags = new_flags(self.cfg.num_workers, per_batch * self.cfg.pooled_batches)
         self.dataset.set_pool_flags(flags)
         self.receiver = receiver = Receiver(flags)  # its counts show how often buffers were reused
         pin = self.cfg.pin_memory and torch.cuda.is_available()
@@ -98,6 +106,8 @@ class LatentLoader:
         )
         for item in dl:
             batch = receiver.unpack(item) if isinstance(item, Parcel) else item
+            if isinstance(batch, PackedBatch):
+                batch.parts = [receiver.unpack(p) if isinstance(p, Parcel) else p for p in batch.parts]
             if pin:
                 batch = batch.pin_memory()
             self._account(batch)
@@ -135,4 +145,5 @@ class LatentLoader:
 
     @property
     def epoch_batches(self) -> int:
+        """Micro-batches per epoch (bucket sampler; packed: planned per step, not per epoch)."""
         return self.sampler.epoch_batches

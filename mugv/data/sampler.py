@@ -52,7 +52,10 @@ class _Bucket:
     batch_size: int
 
 
-class BucketBatchSampler:
+class MixedSampler:
+    """What both samplers share: the buckets of the records and each bucket's samples per epoch
+    (mixing ratios), the task of a drawn sample, the data-parallel rank."""
+
     def __init__(
         self,
         buckets: list[str],
@@ -78,16 +81,6 @@ class BucketBatchSampler:
             bs = batch_size_for(t, h, w, cfg.token_budget, cfg.max_batch_size, cfg.batch_sizes)
             self.buckets.append(_Bucket(name, np.array(groups[name]), t == 1, bs))
         self.targets = self._targets()
-        self.epoch_batches = sum(
-            -(-n // b.batch_size) for n, b in zip(self.targets, self.buckets, strict=True)
-        )
-        if self.epoch_batches == 0:
-            raise ValueError("the mixing weights leave no batches in an epoch")
-        self.start = 0  # global index of the first batch this iterator yields (resume point)
-        self.consumed = 0  # global index up to which all ranks consumed
-        self._plan_cache: tuple[int, list[BatchRequest]] | None = None
-
-    # ------------------------------------------------------------ epoch plan
 
     def _targets(self) -> list[int]:
         """Samples per bucket per epoch."""
@@ -120,27 +113,41 @@ class BucketBatchSampler:
         video = tw.get("t2v", 0.0) + tw.get("i2v", 0.0)
         return tw.get("i2v", 0.0) / video if video > 0 else 0.0
 
+    def _draw(self, rng: np.random.Generator, b: _Bucket, target: int) -> tuple[np.ndarray, list[str]]:
+        """`target` samples of bucket b (fresh permutations, repeats only past its size) and their tasks."""
+        reps = -(-target // len(b.indices)) if target else 0
+        order = np.concatenate([b.indices[rng.permutation(len(b.indices))] for _ in range(reps)] or [b.indices[:0]])
+        order = order[:target]
+        flip = rng.random(target) < self._i2v_probability()
+        tasks = ["t2i" if b.is_image else ("i2v" if self._native[i] == "i2v" or f else "t2v")
+                 for i, f in zip(order, flip, strict=True)]
+        return order, tasks
+
+
+class BucketBatchSampler(MixedSampler):
+    def __init__(self, buckets: list[str], native_tasks: list[str], cfg: DataConfig, dp_rank: int = 0,
+                 dp_size: int = 1):
+        super().__init__(buckets, native_tasks, cfg, dp_rank, dp_size)
+        self.epoch_batches = sum(-(-n // b.batch_size) for n, b in zip(self.targets, self.buckets, strict=True))
+        if self.epoch_batches == 0:
+            raise ValueError("the mixing weights leave no batches in an epoch")
+        self.start = 0  # global index of the first batch this iterator yields (resume point)
+        self.consumed = 0  # global index up to which all ranks consumed
+        self._plan_cache: tuple[int, list[BatchRequest]] | None = None
+
+    # ------------------------------------------------------------ epoch plan
+
     def epoch_plan(self, epoch: int) -> list[BatchRequest]:
         """All micro-batches of one epoch in stream order (stream_index = epoch * E + position)."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        p_i2v = self._i2v_probability()
         raw = []
         for b, target in zip(self.buckets, self.targets, strict=True):
-            reps = -(-target // len(b.indices)) if target else 0
-            order = np.concatenate(
-                [b.indices[rng.permutation(len(b.indices))] for _ in range(reps)] or [b.indices[:0]]
-            )
-            order = order[:target]
-            i2v = rng.random(target) < p_i2v
+            order, tasks = self._draw(rng, b, target)
             for s in range(0, target, b.batch_size):
                 idx = order[s : s + b.batch_size]
-                tasks = tuple(
-                    "t2i" if b.is_image else ("i2v" if self._native[i] == "i2v" or flip else "t2v")
-                    for i, flip in zip(idx, i2v[s : s + b.batch_size], strict=True)
-                )
-                raw.append((b.name, tuple(int(i) for i in idx), tasks))
+                raw.append((b.name, tuple(int(i) for i in idx), tuple(tasks[s : s + b.batch_size])))
         perm = rng.permutation(len(raw))
         plan = [BatchRequest(epoch * self.epoch_batches + p, *raw[j]) for p, j in enumerate(perm)]
         self._plan_cache = (epoch, plan)

@@ -18,12 +18,16 @@ sizes). Per sample:
 
 `text_len` (Lt) is the number of key tokens cross-attention actually processes: the padded
 length for a dense masked kernel, the real caption length for a variable-length kernel.
-Training counts forward + backward as 3x forward (no activation recompute counted).
+Training counts forward + backward as 3x forward (no activation recompute counted). A packed
+micro-batch (several samples in one sequence, attention per sample) costs the sum of its
+samples' FLOPs.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import cache
 
 from mugv.models.mugdit import PATCH, MUGDiTConfig
 
@@ -85,6 +89,19 @@ def mugdit_flops_per_sample(
     final = 2 * N * C * config.patch_out
     forward = embed + config.depth * block_flops_per_sample(config, T, H, W, text_len)["forward"] + final
     return float(3 * forward if training else forward)
+
+
+def sample_cost(config: MUGDiTConfig, text_len: int) -> Callable[[int, int, int], float]:
+    """(T, H, W) -> training FLOPs of one sample with `text_len` text tokens: the cost the packed
+    sampler balances over data-parallel ranks (a packed micro-batch costs the sum over its samples:
+    attention is per sample, sum of N_i^2, not (sum of N_i)^2)."""
+    text_len = text_len or 300
+
+    @cache
+    def cost(T: int, H: int, W: int) -> float:
+        return mugdit_flops_per_sample(config, T, H, W, text_len)
+
+    return cost
 
 
 def block_flops_per_sample(config: MUGDiTConfig, T: int, H: int, W: int, text_len: int) -> dict[str, float]:

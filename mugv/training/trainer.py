@@ -17,6 +17,7 @@ from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
+from mugv.models.flops import sample_cost
 from mugv.models.megatron import packed_sequence_length, padded_sequence_length
 from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
@@ -43,7 +44,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.mcfg, self.model)
         self.ema = ShardedEMA(self.optimizer, cfg.ema.decay) if cfg.ema.decay > 0 else None
         dp_rank = parallel_state.get_data_parallel_rank()
-        self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size())
+        self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size(),
+                                 cfg.train.microbatches, sample_cost(self.dit, cfg.data.text_len))
         self.forward_step = DiTForwardStep(cfg.train.seed, cfg.train.text_dropout, self.data.text_embeddings.get("null"),
                                            cfg.train.shift_ratio)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
