@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mugv.data.config import DataConfig, MixConfig
-from mugv.data.packed_sampler import PackedBatchSampler, PlanState
+from mugv.data.packed_sampler import MAX_WAIT, PackedBatchSampler, PlanState
 from mugv.data.packing import Item, plan_step
 from mugv.data.sampler import BucketBatchSampler
 from mugv.models.layout import PackedLayout, TokenLayout, segment_spans
@@ -100,7 +100,7 @@ def test_planner_balances_flops_where_dealing_by_tokens_cannot():
             assert b.items and b.tokens <= 50 and len(b.items) <= 8
 
 
-def test_locked_items_are_never_deferred_again():
+def test_locked_items_are_placed():
     pool = [Item(q, 50, 2500.0, 0) for q in range(12)] + [Item(q, 36, 1300.0, 1) for q in range(12, 30)]
     plan = plan_step(pool, 5, ranks=2, bins=4, budget=50, max_samples=8)
     placed = {it.q for bins in plan.ranks for b in bins for it in b.items}
@@ -130,6 +130,10 @@ def test_steps_fill_the_budget_balance_and_keep_the_mix():
 
 
 def test_stream_covered_once_deterministic_and_seeded():
+    s, state = make(), PlanState()
+    for _ in range(30):  # no sample waits longer than MAX_WAIT steps
+        state = s.plan(state, 2)[1]
+        assert all(w <= MAX_WAIT for _, w in state.deferred)
     a, state = steps(make(), 2, 30)
     b, _ = steps(make(), 2, 30)
     assert a == b
@@ -137,7 +141,7 @@ def test_stream_covered_once_deterministic_and_seeded():
     assert a != c
     used = [q for step in a for mbs in step for mb in mbs for q in mb]
     # every stream sample before the position was used exactly once, except those still deferred
-    assert sorted(used + list(state.deferred)) == list(range(state.position))
+    assert sorted(used + [q for q, _ in state.deferred]) == list(range(state.position))
     # and an epoch is every sample the targets ask for
     recs, _, _ = make().epoch(0)
     assert sorted(recs.tolist()) == list(range(len(BUCKETS)))
@@ -157,7 +161,7 @@ def test_resume_exact_and_under_a_new_dp_size(old, new):
     assert all(st == states[0] for st in states)
     json.dumps(states[0])  # small and serialisable
     before, at = steps(make(), old, k)
-    assert PlanState(states[0]["position"], tuple(states[0]["deferred"]), states[0]["issued"]) == at
+    assert PlanState(states[0]["position"], tuple(map(tuple, states[0]["deferred"])), states[0]["issued"]) == at
     resumed = [make(r, new) for r in range(new)]
     for s in resumed:
         s.load_state_dict(states[0])
@@ -168,7 +172,7 @@ def test_resume_exact_and_under_a_new_dp_size(old, new):
     want = [[sorted(s0.sample(q)[0] for q in mb) for step in after for mb in step[r]] for r in range(new)]
     assert got == want
     used = [q for plan in (before, after) for step in plan for mbs in step for mb in mbs for q in mb]
-    assert sorted(used + list(end.deferred)) == list(range(end.position))  # none twice, none skipped
+    assert sorted(used + [q for q, _ in end.deferred]) == list(range(end.position))  # none twice, none skipped
     issued = [req.stream_index for s in resumed for req in itertools.islice(iter(s), s.microbatches)]
     assert len(set(issued)) == len(issued) and min(issued) == at.issued
 

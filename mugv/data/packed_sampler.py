@@ -7,15 +7,16 @@ all together; the stream is epochs 0, 1, 2, ... concatenated, sample q being epo
 position q % E (E samples an epoch).
 
 One training step (W data-parallel ranks x M micro-batches) is planned at a time, the same on
-every rank, from a small state: the stream position p of the next fresh sample, the samples the
-previous step deferred, and the count of micro-batches issued so far (their stream indices). The
-pool of the step is the deferred samples plus fresh ones from p until it holds 1.25x the tokens
-the step can take; mugv.data.packing fills W*M micro-batches up to the token budget and deals
-them so that every rank has the same model FLOPs (the `cost` of a latent shape, from the
-trainer: mugv.models.flops); what is left over is deferred to the next step, where it goes
-first. No sample waits more than one step, so over any window the task and bucket mix is the
-stream's, and the step is a function of (state, W): a resume continues exactly, and a resume
-with another DP size plans the remaining stream for the new W -- no sample repeated or skipped.
+every rank, from a small state: the stream position p of the next fresh sample, the samples
+deferred so far with the steps each has waited, and the count of micro-batches issued so far
+(their stream indices). The pool of the step is the deferred samples plus fresh ones from p
+until it holds 1.25x the tokens the step can take; mugv.data.packing fills W*M micro-batches up
+to the token budget and deals them so that every rank has the same model FLOPs (the `cost` of a
+latent shape, from the trainer: mugv.models.flops); what is left over is deferred. A sample
+that waited MAX_WAIT (4) steps is placed first, whatever the balance, so over any window of
+more than a few steps the task and bucket mix is the stream's. The step is a function of
+(state, W): a resume continues exactly, and a resume with another DP size plans the remaining
+stream for the new W -- no sample repeated or skipped.
 
 The sampler yields this rank's M PackedRequests per step (each a BatchRequest per bucket in the
 micro-batch); the loader reports consumption with mark_consumed(stream_index), and the state
@@ -36,6 +37,7 @@ from mugv.data.sampler import BatchRequest, MixedSampler
 from mugv.utils.logging import get_logger
 
 POOL = 1.25  # a step's pool holds this many times the tokens it can take
+MAX_WAIT = 4  # steps a sample may be deferred; then it is placed whatever the balance
 TASKS = ("t2i", "t2v", "i2v")
 log = get_logger("data")
 
@@ -49,7 +51,7 @@ class PackedRequest:
 @dataclass(frozen=True)
 class PlanState:
     position: int = 0  # stream index of the next fresh sample
-    deferred: tuple[int, ...] = ()  # stream indices the previous step left over
+    deferred: tuple[tuple[int, int], ...] = ()  # (stream index, steps it waited) of samples left over
     issued: int = 0  # micro-batches issued by all ranks so far
 
 
@@ -116,14 +118,18 @@ class PackedBatchSampler(MixedSampler):
     def plan(self, state: PlanState, dp_size: int) -> tuple[StepPlan, PlanState]:
         """The step after `state` for `dp_size` ranks, and the state after it."""
         steps = dp_size * self.microbatches
-        pool = [self._item(q) for q in state.deferred]
+        waited = dict(state.deferred)
+        order = sorted(waited, key=lambda q: (-waited[q], q))  # the longest waiting first
+        locked = sum(waited[q] >= MAX_WAIT for q in order)
+        pool = [self._item(q) for q in order]
         tokens, q = sum(it.tokens for it in pool), state.position
         while tokens < POOL * steps * self.budget or len(pool) < steps:
             pool.append(self._item(q))
             tokens += pool[-1].tokens
             q += 1
-        plan = plan_step(pool, len(state.deferred), dp_size, self.microbatches, self.budget, self.max_samples)
-        return plan, PlanState(q, tuple(it.q for it in plan.deferred), state.issued + steps)
+        plan = plan_step(pool, locked, dp_size, self.microbatches, self.budget, self.max_samples)
+        deferred = tuple((it.q, waited.get(it.q, 0) + 1) for it in plan.deferred)
+        return plan, PlanState(q, deferred, state.issued + steps)
 
     def request(self, stream_index: int, items: list[Item]) -> PackedRequest:
         parts: dict[int, list[tuple[int, str]]] = {}
@@ -156,7 +162,7 @@ class PackedBatchSampler(MixedSampler):
 
     def state_dict(self) -> dict:
         s = self.consumed
-        return {"seed": self.seed, "packed": True, "position": s.position, "deferred": list(s.deferred),
+        return {"seed": self.seed, "packed": True, "position": s.position, "deferred": [list(d) for d in s.deferred],
                 "issued": s.issued, "epoch_samples": self.epoch_samples}
 
     def load_state_dict(self, state: dict) -> None:
@@ -175,6 +181,7 @@ class PackedBatchSampler(MixedSampler):
                         f"per epoch): resuming at the start of epoch {epoch}")
             restored = PlanState(epoch * self.epoch_samples, (), int(state["issued"]))
         else:
-            restored = PlanState(int(state["position"]), tuple(int(q) for q in state["deferred"]), int(state["issued"]))
+            deferred = tuple((int(q), int(w)) for q, w in state["deferred"])
+            restored = PlanState(int(state["position"]), deferred, int(state["issued"]))
         self.start = self.consumed = restored
         self._after = {}

@@ -5,9 +5,9 @@ budget (the memory cap) and give every data-parallel rank the same model FLOPs.
     plan.ranks[r][m]   # items of rank r's micro-batch m
     plan.deferred      # items of the pool left for the next step
 
-`pool` is a window of the shuffled sample stream: its first `locked` items were deferred by the
-previous step and are placed first, whatever it costs the balance (so no item waits more than
-one step, and over any window the mix is the stream's); the rest are fresh. The pool holds more
+`pool` is a window of the shuffled sample stream: its first `locked` items waited long enough
+and are placed first, whatever it costs the balance (so no item waits long, and over any window
+the mix is the stream's); the rest (deferred earlier, then fresh) may wait. The pool holds more
 tokens than the step can take, which is the planner's freedom:
 
 1. deal (longest processing time first): items by cost, largest first, each to the rank with the
@@ -15,7 +15,7 @@ tokens than the step can take, which is the planner's freedom:
    nowhere is deferred;
 2. even out (local search on the costliest rank, while it helps): swap one of its items with a
    cheaper one of another rank, move one to another rank, or replace one by a cheaper deferred
-   item (never a locked one); every micro-batch keeps at least one sample and stays within the
+   items (never a locked one); every micro-batch keeps at least one sample and stays within the
    budget and max_samples.
 
 A cost is a sample's model FLOPs (attention included: at 720p one 50k-token clip costs ~15x the

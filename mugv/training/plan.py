@@ -6,7 +6,9 @@ Activations come from the layer's own inventory of what it keeps for backward
 the heaviest pipeline stage: the layers of that stage at the configured recompute, the tensors all
 its layers share (RoPE angles, text, modulation), the final layer and loss, one extra layer
 without recompute as the backward working set (plus, under `full`, the layer being recomputed),
-times the micro-batches a 1F1B pipeline keeps in flight on its first stage.
+times the micro-batches a 1F1B pipeline keeps in flight on its first stage. A packed micro-batch
+(data.packing) holds at most token_budget tokens like a bucketed one, but up to max_batch_size
+samples: their text tokens and per-frame rows are counted at that cap.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig) -> float:
     tokens = d.token_budget / p.cp  # of this rank's CP chunk, all samples of the micro-batch
     T = stage_sample(cfg)[0]
     samples = max(1, min(d.max_batch_size, d.token_budget // num_tokens(*stage_sample(cfg))))
-    text = samples * d.text_len  # worst case: every caption at the cap
     frames = samples * (T + 1)
+    if d.packing:  # up to max_batch_size samples of any shape within the budget (images: 2 rows each)
+        samples = d.max_batch_size
+        frames = max(frames, 2 * samples)
+    text = samples * d.text_len  # worst case: every caption at the cap
     chunk = dit.depth // (p.pp * (p.vpp or 1))
     chunks_here = p.vpp or 1
     layer = lambda mode: saved_bytes(mode, elem, dit.hidden_size, dit.num_heads, p.tp, sp, p.cp,
