@@ -146,7 +146,9 @@ PACKED_LAYOUTS = {
 }
 
 
-def packed_problem(name):
+def packed_problem(name, rounded: bool = False):
+    """(weights, micro-batches, reference); `rounded`: the reference sees x, timestep and y
+    rounded to bf16 as the bf16 model casts them."""
     model = tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72)
     cfg = model.config
     if name == "pp2":
@@ -156,7 +158,11 @@ def packed_problem(name):
     else:
         mbs = [packed_microbatch(cfg, PACK, seed=1)]
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return sd, mbs, reference(model, None, None, mbs)
+    ref_mbs = mbs
+    if rounded:
+        rnd = lambda k, v: [g.bfloat16().float() for g in v] if k in ("x", "timestep", "y") else v
+        ref_mbs = [({k: rnd(k, v) for k, v in b.items()}, t) for b, t in mbs]
+    return sd, mbs, reference(model, None, None, ref_mbs)
 
 
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
@@ -180,3 +186,16 @@ def test_packed_micro_batch_matches_samples_run_alone(name):
         seen += 1
     assert seen >= layout.dp
     compare([{**r, "outputs": None} for r in results], layout, None, ref_grads, ref_params, 0, 1e-4, 1e-4)
+
+
+def test_packed_bf16_close_to_fp32():
+    """bf16 weights and activations on a packed micro-batch (TP2+SP): every sample's output and
+    every gradient within bf16 precision of the fp32 samples run alone on bf16-rounded inputs."""
+    sd, mbs, (ref_out, ref_grads, _) = packed_problem("tp2_sp", rounded=True)
+    layout = Layout(tp=2, sp=True, bf16=True)
+    results = run_distributed(parity_worker, 2, layout, dict(TINY, depth=4, num_heads=4), sd, None, None, mbs,
+                              timeout=240)
+    for r in results:
+        for got, want in zip(r["outputs"][0], ref_out[0], strict=True):
+            assert rel(got, want) <= 5e-2, f"output rel err {rel(got, want):.2e}"
+    compare([{**r, "outputs": None} for r in results], layout, None, ref_grads, {}, 0, 1e-1, 0.0)

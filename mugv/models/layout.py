@@ -154,6 +154,19 @@ class PackedLayout:
             for r in piece.runs()
         ]
 
+    def blocks(self) -> list[tuple[int, int, TokenLayout, int]]:
+        """(local offset, samples, layout, first table row): consecutive whole samples of one
+        geometry as one block (so per-frame work runs batched over them), else one sample's piece."""
+        out: list[tuple[int, int, TokenLayout, int]] = []
+        for k, piece, off in self._pieces():
+            whole = piece.lo == 0 and piece.stop == piece.N
+            geo = TokenLayout(piece.T, piece.Hp, piece.Wp)
+            if whole and out and out[-1][2] == geo and out[-1][0] + out[-1][1] * geo.N == off:
+                out[-1] = (out[-1][0], out[-1][1] + 1, geo, out[-1][3])
+            else:
+                out.append((off, 1, geo if whole else piece, self.row_offsets[k]))
+        return out
+
     def positions(self, frame_indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """(t, h, w) RoPE positions of the held tokens, [1, n, 3]; frame_indices[k]: [T_k + 2]."""
         parts = [piece.positions(frame_indices[k].view(1, -1)) for k, piece, _ in self._pieces()]
@@ -194,6 +207,8 @@ def apply_per_frame(
     [B, frames, per_frame, C] / [frames, per_frame, B, C] and rows [B, frames, 1, C] /
     [frames, 1, B, C].
     """
+    if isinstance(layout, PackedLayout):
+        return _apply_packed(z, layout, fn, *tables, seq_dim=seq_dim)
     pieces = []
     for r in layout.runs():
         seg = z.narrow(seq_dim, r.offset, r.frames * r.per_frame)
@@ -214,3 +229,22 @@ def packed_frame_table(x_masks: Sequence[torch.Tensor], cond: torch.Tensor, cond
         tables.append(frame_table(xm, cond[k : k + b], cond0[k : k + b]).flatten(0, 1))
         k += b
     return torch.cat(tables)
+
+
+def _apply_packed(z, layout: PackedLayout, fn, *tables, seq_dim: int) -> torch.Tensor:
+    """apply_per_frame over a packed sequence (batch size 1): a block of b whole samples of one
+    geometry is viewed as a batch of b ([b, N, C] with tables [b, T+1, C]); a partial sample
+    (at a shard edge) goes alone."""
+    pieces = []
+    C = z.shape[-1]
+    for off, b, lay, row in layout.blocks():
+        if b == 1 and (lay.lo or lay.hi is not None):  # a shard of one sample, with its own rows
+            n = lay.stop - lay.lo
+            rows = [t.narrow(seq_dim, row, lay.T + 1) for t in tables]
+            pieces.append(apply_per_frame(z.narrow(seq_dim, off, n), lay, fn, *rows, seq_dim=seq_dim))
+            continue
+        seg = z.narrow(seq_dim, off, b * lay.N).reshape(b, lay.N, C)  # [b, N, C]
+        rows = [t.narrow(seq_dim, row, b * (lay.T + 1)).reshape(b, lay.T + 1, t.shape[-1]) for t in tables]
+        out = apply_per_frame(seg, lay, fn, *rows, seq_dim=1)  # [b, N, C']
+        pieces.append(out.reshape(*((b * lay.N, 1) if seq_dim == 0 else (1, b * lay.N)), out.shape[-1]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=seq_dim)

@@ -40,10 +40,35 @@ def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[
     if varlen is None and use_varlen(q):
         varlen = _flash_varlen()
     if varlen is None or len(spans) == 1:
-        return [
-            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d]) for a, b, c, d, _ in spans
-        ]
+        return [_sdpa_block(q, k, v, *block) for block in _blocks(spans)]
     return [_varlen(q, k, v, spans, varlen)]
+
+
+def _blocks(spans: list[Span]) -> list[tuple[int, int, int, int]]:
+    """(q_lo, k_lo, samples, length) runs of consecutive whole samples of one length (batched in
+    one call), else (q_lo, k_lo, 1, q_len) with the span's key rows given by k_lo..k_lo+k_len."""
+    out: list[list[int]] = []
+    for a, b, c, d, _ in spans:
+        n = b - a
+        if n == d - c and out and out[-1][3] == n and out[-1][2] > 0 and out[-1][0] + out[-1][2] * n == a \
+                and out[-1][1] + out[-1][2] * n == c:
+            out[-1][2] += 1
+        elif n == d - c:
+            out.append([a, c, 1, n])
+        else:  # a partial sample (shard edge) or padding rows: queries and keys differ
+            out.append([a, c, -(d - c), n])  # count < 0 marks it: -key length
+    return [tuple(o) for o in out]
+
+
+def _sdpa_block(q, k, v, a: int, c: int, count: int, n: int) -> torch.Tensor:
+    """[1, h, rows, D] output of a block of _blocks."""
+    if count < 0:  # queries a..a+n against keys c..c-count
+        return F.scaled_dot_product_attention(q[:, :, a : a + n], k[:, :, c : c - count], v[:, :, c : c - count])
+    if count == 1:
+        return F.scaled_dot_product_attention(q[:, :, a : a + n], k[:, :, c : c + n], v[:, :, c : c + n])
+    batch = lambda t, lo: t[0, :, lo : lo + count * n].unflatten(1, (count, n)).transpose(0, 1)  # [count, h, n, D]
+    out = F.scaled_dot_product_attention(batch(q, a), batch(k, c), batch(v, c))
+    return out.transpose(0, 1).flatten(1, 2)[None]  # [1, h, count*n, D]
 
 
 def _varlen(q, k, v, spans: list[Span], kernel) -> torch.Tensor:
