@@ -22,8 +22,8 @@ import time
 
 import torch
 
-CLIP, IMAGE = (8, 24, 48), (1, 8, 16)  # latent T x H x W: 2306 and 66 tokens
-BUDGET = 2306  # one clip, or 32 images (max_batch_size)
+CLIP, IMAGE = (8, 32, 64), (1, 8, 16)  # latent T x H x W: 4098 and 66 tokens
+BUDGET = 4098  # one clip, or 32 images (max_batch_size)
 
 
 def make_part(req, dit, g: torch.Generator):
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=2, help="per rank and step")
-    p.add_argument("--clips", type=int, default=40, help="samples of the 8x24x48 clip bucket (2306 tokens)")
+    p.add_argument("--clips", type=int, default=40, help="samples of the 8x32x64 clip bucket (4098 tokens)")
     p.add_argument("--images", type=int, default=960, help="samples of the 1x8x16 image bucket (66 tokens)")
     p.add_argument("--hidden", type=int, default=48)
     p.add_argument("--heads", type=int, default=2)
