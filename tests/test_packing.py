@@ -71,9 +71,9 @@ def test_varlen_kernel_gets_the_spans_right():
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 48, 6, generator=g) for _ in range(3))
-    spans = segment_spans((0, 26, 32, 43), 20, 48)  # queries [20, 48) of a 43-token sequence + padding
-    ref = torch.cat(attend_spans(q[:, :, 20:48], k, v, spans), dim=2)
-    got = attend_spans(q[:, :, 20:48], k, v, spans, varlen=fake_varlen)
+    spans = segment_spans((0, 26, 32, 43), 28, 48)  # queries [28, 48) of a 43-token sequence + padding
+    ref = torch.cat(attend_spans(q[:, :, 28:48], k, v, spans), dim=2)
+    got = attend_spans(q[:, :, 28:48], k, v, spans, varlen=fake_varlen)
     assert len(got) == 1
     torch.testing.assert_close(got[0], ref)
 

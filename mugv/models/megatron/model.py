@@ -155,8 +155,8 @@ class MUGDiTMegatron(MegatronModule):
 
     def _forward_packed(self, x, timestep, y, mask, x_mask, fps, frame_indices):
         G = len(x)
-        per_group = [mask, x_mask, fps, frame_indices]
-        for name, arg in zip(("timestep", "y", "mask", "x_mask", "fps", "frame_indices"), [timestep, y, *per_group]):
+        args = dict(timestep=timestep, y=y, mask=mask, x_mask=x_mask, fps=fps, frame_indices=frame_indices)
+        for name, arg in args.items():
             if arg is not None and (not isinstance(arg, (list, tuple)) or len(arg) != G):
                 raise ValueError(f"packed micro-batch: {name} must be a list over the {G} groups like x")
         pick = lambda a, g: None if a is None else a[g]
