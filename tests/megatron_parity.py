@@ -89,6 +89,7 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     from mugv.diffusion import flow_loss
     from mugv.models import MUGDiTConfig
     from mugv.models.megatron import build_model_chunks, megatron_config, padded_sequence_length
+    from mugv.models.megatron.config import grad_accumulation_fusion_available
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
@@ -108,6 +109,7 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         variable_seq_lengths=microbatches is not None,
         bf16=layout.bf16,
         params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
+        gradient_accumulation_fusion=grad_accumulation_fusion_available(),  # as mugv.training.build
         **layout.extra,
     )
     if layout.bf16:

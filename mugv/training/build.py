@@ -12,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 
 from mugv.models.megatron import build_model_chunks, megatron_config
-from mugv.models.megatron.config import MUGDiTTransformerConfig
+from mugv.models.megatron.config import MUGDiTTransformerConfig, grad_accumulation_fusion_available
 from mugv.models.mugdit import MUGDiTConfig
 from mugv.parallel.grads import finalize_grads
 from mugv.training.config import TrainConfig
@@ -49,7 +49,9 @@ def use_distributed_optimizer(cfg: TrainConfig) -> bool:
 
 
 def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.device) -> list:
-    """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP."""
+    """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP (whose main_grad
+    buffers the linears then accumulate weight gradients into directly, where supported)."""
+    mcfg.gradient_accumulation_fusion = grad_accumulation_fusion_available()
     chunks = [c.to(device) for c in build_model_chunks(mcfg)]
     if mcfg.bf16:
         chunks = [Float16Module(mcfg, c) for c in chunks]

@@ -9,7 +9,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
@@ -122,10 +121,8 @@ class Trainer:
         ids = [i for b in batches for i in b.ids]
         applied = self.guard.check(self.step, float("nan") if found_inf else loss, grad_norm, ids)
         if applied:
-            clip = self.cfg.optim.clip_grad
-            if clip > 0:
-                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                    clip_grad_by_total_norm_fp32(opt.get_parameters(), clip, grad_norm)
+            if self.cfg.optim.clip_grad > 0:
+                clip_grads_(self.optimizer, self.cfg.optim.clip_grad, grad_norm)
             self.optimizer.step_with_ready_grads()
             if self.ema is not None:
                 self.ema.update()
@@ -185,6 +182,16 @@ class Trainer:
         self.metrics.close()
         self.signals.uninstall()
         return 0
+
+
+def clip_grads_(optimizer, max_norm: float, total_norm: float) -> None:
+    """Scale the optimizer's gradients in place so that their global norm is at most max_norm
+    (Megatron's rule: coefficient max_norm / (norm + 1e-6), applied when below 1), in one pass."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        opts = getattr(optimizer, "chained_optimizers", [optimizer])
+        grads = [p.grad for opt in opts for p in opt.get_parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, coeff)
 
 
 def train(cfg: TrainConfig) -> int:
