@@ -218,6 +218,7 @@ def sample_and_score(hf: str, data, plan: DemoPlan, out_dir: str) -> tuple[list[
     latents = sample_latents(
         model, text, [s.caption() for s in specs], ae.latent_shape(frames, size, size), negative_prompt="",
         steps=plan.sample_steps, guidance=plan.guidance, seed=0, fps=plan.data.fps, shift_ratio=SHIFT_RATIO,
+        prompt_suffix="",  # prep encoded the demo's captions as they are (the release suffix is for its weights)
     )  # fmt: skip
     clips = [to_uint8_frames(v) for v in ae.decode(latents).clamp(-1, 1)]  # each uint8 [F, H, W, 3]
     os.makedirs(out_dir, exist_ok=True)
