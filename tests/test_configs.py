@@ -38,7 +38,7 @@ def test_configs_present():
         "curriculum/mugv_10b.yaml",
     }
     assert expected <= names
-    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 5
+    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 6
 
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: os.path.relpath(p, CONFIGS))
@@ -66,6 +66,7 @@ def test_10b_stages_fit_80gb_with_their_recommended_layouts(tmp_path):
         "c_video360p",
         "d_video720p",
         "e_anneal",
+        "f_sft",
     ]
     for s in stages:
         p, dit = s.cfg.parallel, s.cfg.model.build()
