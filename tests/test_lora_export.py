@@ -1,6 +1,7 @@
 """Exporting a LoRA run: `to-hf --merge-lora` loads strictly into the plain MUGDiT and gives the
 adapter model's output; `--lora-only` is a PEFT adapter (peft reads it) that `mugv sample --lora`
-applies to the base, sampling what the merged export samples."""
+applies to the base, sampling what the merged export samples (the merged weights give the
+adapter model's output, which differs from the base's: the first test)."""
 
 import pytest
 import torch
@@ -94,8 +95,7 @@ def test_lora_only_export_is_peft_and_round_trips_through_sample_lora(lora_run, 
     (tmp_path / "vae.json").write_text(f'{{"kind": "video_vae", "weights": "vae.pt", "config": {dict(SMALL_VAE)}}}'
                                        .replace("'", '"'))
     videos = {}
-    for name, model in [("lora", [base_hf, "--lora", adapter]), ("merged", [merged_hf]),
-                        ("ckpt", [lora_run["run"]]), ("base", [base_hf])]:
+    for name, model in [("lora", [base_hf, "--lora", adapter]), ("merged", [merged_hf]), ("ckpt", [lora_run["run"]])]:
         out = str(tmp_path / f"{name}.pt")
         args = ["sample", "--model", *model, "--t5", t5, "--text-length", "8", "--vae", str(tmp_path / "vae.json"),
                 "--prompt", "a red ball", "--frames", "9", "--height", "16", "--width", "16", "--steps", "2",
@@ -104,4 +104,3 @@ def test_lora_only_export_is_peft_and_round_trips_through_sample_lora(lora_run, 
         videos[name] = torch.load(out)
     assert torch.allclose(videos["lora"], videos["merged"], atol=1e-5)
     assert torch.allclose(videos["ckpt"], videos["merged"], atol=1e-5)
-    assert not torch.allclose(videos["base"], videos["merged"], atol=1e-3)

@@ -69,13 +69,13 @@ def test_optimizer_ddp_and_ema_hold_only_adapters(tmp_path):
 def test_lora_resume_is_exact_and_checkpoint_holds_adapters(tmp_path):
     data, base = dataset(str(tmp_path)), base_checkpoint(str(tmp_path))
     lo = lora_overrides(base)
-    full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 6, *lo), timeout=300)
-    half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 3, *lo), timeout=300)
-    rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 6, *lo), timeout=300)
+    full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 4, *lo), timeout=300)
+    half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 2, *lo), timeout=300)
+    rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 4, *lo), timeout=300)
     assert half[0]["history"] + rest[0]["history"] == full[0]["history"]
     for k, v in full[0]["params"].items():
         assert torch.equal(rest[0]["params"][k], v), k
-    ckpt = os.path.join(str(tmp_path / "b"), "checkpoints", "step_00000006")
+    ckpt = os.path.join(str(tmp_path / "b"), "checkpoints", "step_00000004")
     with open(os.path.join(ckpt, "lora.json")) as f:
         record = json.load(f)
     assert record["base"] == os.path.abspath(base) and record["rank"] == 4 and not record["base_ema"]
@@ -99,3 +99,54 @@ def test_lora_tp_changed_resume_and_missing_base(tmp_path):
     os.rename(base, base + ".moved")  # the base named in lora.json is gone: a clear error
     with pytest.raises(DistributedRankError, match="frozen base weights come from"):
         run_distributed(load_worker, 1, overrides(run, data, 4, *lo), timeout=300)
+
+
+def adapters_disabled_worker(rank, world, release_sd, dit_kwargs, batch):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from mugv.models import MUGDiTConfig
+    from mugv.models.megatron import build_model_chunks, get_layer_spec, megatron_config
+    from mugv.models.megatron.lora import LoRASettings, adapters_disabled, has_lora, prepare_lora
+    from mugv.models.megatron.weight_map import release_to_chunk
+    from mugv.parallel.runtime import init_distributed
+
+    init_distributed()
+    cfg = megatron_config(MUGDiTConfig(**dit_kwargs))
+    plain = build_model_chunks(cfg)
+    chunks = build_model_chunks(cfg, get_layer_spec("local", lora=LoRASettings(rank=4, alpha=8.0)))
+    prepare_lora(chunks, seed=0)
+    chunks[0].load_state_dict(release_to_chunk(release_sd, chunks[0], 0, 1, cfg.num_attention_heads), strict=True)
+    model = [DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(), module=chunks[0])]
+    count = lambda: sum(p.numel() for p in model[0].parameters())
+    n = count()
+    with torch.no_grad():
+        lora_out = model[0](**batch)
+        with adapters_disabled(model):
+            base_out = model[0](**batch)
+            n_inside = count()
+        again = model[0](**batch)
+    return dict(lora=lora_out, base=base_out, again=again, has=(has_lora(model), has_lora(plain), has_lora(model[0])),
+                params=(n, n_inside))
+
+
+def test_adapters_disabled_runs_the_base_network(tmp_path):
+    """The DPO reference for LoRA: the same (DDP-wrapped) chunks with the adapters switched off give
+    the base model's output, add no parameter, and switch back on after."""
+    from tests.conftest import TINY, mixed_batch, tiny_model
+    from tests.megatron_parity import lora_reference_model
+
+    kwargs = dict(TINY, depth=2, num_heads=2)
+    base = tiny_model(seed=0, **kwargs).eval()
+    with torch.no_grad():
+        base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+        batch = mixed_batch(base.config, B=2, T=2, H=4, W=4, L=5)
+        want_base = base(**batch)
+        lora = lora_reference_model(base, rank=4, alpha=8.0).eval()
+        want_lora = lora(**batch)
+    sd = {k: v.detach().clone() for k, v in lora.state_dict().items()}
+    assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
+    (r,) = run_distributed(adapters_disabled_worker, 1, sd, kwargs, batch, timeout=120)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+    assert rel(r["base"], want_base) <= 1e-5 and rel(r["lora"], want_lora) <= 1e-5 and torch.equal(r["again"], r["lora"])
+    assert rel(want_lora, want_base) > 1e-2
+    assert r["has"] == (True, False, True) and r["params"][0] == r["params"][1]

@@ -100,6 +100,22 @@ def test_lora_layout_matches_single_process(name, lora_problem):
                 assert torch.equal(p, sd[k]), k
 
 
+def test_lora_bf16_close_to_fp32(lora_problem):
+    """LoRA with a bf16 (frozen) base and bf16 adapters, fp32 main params: TP2+SP within bf16
+    precision of the fp32 reference, the adapters' Adam update as expected, the base untouched."""
+    kwargs, sd, batch, target, *_ = lora_problem
+    rounded = {k: v.bfloat16().float() if k in ("x", "timestep", "y") else v for k, v in batch.items()}
+    model = lora_reference_model(tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72), **LORA)
+    ref_out, ref_grads, ref_params = reference(model, rounded, target)
+    layout = Layout(tp=2, sp=True, bf16=True, lora=LORA)
+    results = run_distributed(parity_worker, layout.world, layout, kwargs, sd, batch, target, timeout=240)
+    compare(results, layout, ref_out, ref_grads, {}, 5e-2, 1e-1, 0.0)
+    errs = update_errors(results, sd, ref_params)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= BF16_UPDATE_TOL, f"update of {worst}: rel err {errs[worst]:.3f}"
+    assert all(errs[k] == 0.0 for k in errs if ".lora_" not in k)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, problem):
     kwargs, sd, batch, target, ref_out, ref_grads, ref_params = problem
