@@ -218,6 +218,11 @@ STAGE = os.path.join(CONFIGS, "stages", "demo_images.yaml")
         (["data.batch_sizes.1x8=2", *DATA], r"batch_sizes\.1x8: bucket names are latent TxHxW"),
         (["data.num_workers=-1", *DATA], r"data\.num_workers = -1 must be >= 0"),
         (["optim.betas=[0.9]", *DATA], r"optim\.betas = \[0\.9\] must be two values"),
+        (["lora.rank=8", *DATA], r"lora\.rank > 0 trains adapters on frozen base weights: set train\.init_from"),
+        (["lora.rank=8", "lora.targets=[qkv,fc3]", "train.init_from=x", *DATA], r"lora\.targets = .*fc3"),
+        (["lora.rank=8", "lora.dropout=0.1", "parallel.recompute=full", "train.init_from=x", *DATA],
+         r"lora\.dropout > 0 with parallel\.recompute=full"),
+        (["lora.rank=-1", *DATA], r"lora\.rank = -1 must be >= 0"),
     ],
 )
 def test_bad_values_fail_at_load_naming_key_and_file(overrides, message):

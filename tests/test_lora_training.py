@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+from mugv.models import MUGDiTConfig
+from mugv.models.megatron.weight_map import LORA_TARGETS
+from mugv.models.mugdit import PRESETS
+from mugv.training.plan import lora_params_per_block
 from tests.dist_harness import DistributedRankError, run_distributed
 from tests.trainer_utils import base_checkpoint, dataset, load_worker, lora_overrides, overrides, train_worker
 
@@ -57,6 +61,8 @@ def test_optimizer_ddp_and_ema_hold_only_adapters(tmp_path):
         assert r["optimized"] <= adapters and r["ema"] == r["optimized"]
         # distributed optimizer: each rank's fp32 main + Adam moments of half the adapters only
         adapter_numel = sum(v.numel() for k, v in r["after"].items() if ".lora_" in k)
+        assert adapter_numel == 2 * lora_params_per_block(MUGDiTConfig(**{**PRESETS["mugdit_tiny"], "caption_channels": 32}),
+                                                          list(LORA_TARGETS), 4)  # the dry-run's count
         assert r["state_bytes"] == pytest.approx(3 * 4 * adapter_numel / 2, rel=0.05), r["state_bytes"]
         for k, v in r["after"].items():
             if ".lora_" in k:

@@ -79,6 +79,8 @@ class LoRALinear:
 
     def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
                  lora_dropout: float = 0.0, **kwargs):
+        if kwargs.get("gather_output") or kwargs.get("input_is_parallel") is False:
+            raise NotImplementedError("LoRA linears take a TP-split output (column) / input (row), as the MUGDiT layer")
         super().__init__(input_size, output_size, config=config, **kwargs)
         tp = config.tensor_model_parallel_size
         self.lora_in, self.lora_rank, self.lora_tp = input_size, lora_rank, tp
