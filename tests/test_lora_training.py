@@ -98,6 +98,12 @@ def test_lora_tp_changed_resume_and_missing_base(tmp_path):
     run = str(tmp_path / "run")
     lo = lora_overrides(base)
     saved = run_distributed(train_worker, 2, overrides(run, data, 2, "parallel.tp=2", *lo), timeout=300)[0]["params"]
+    # a LoRA run started from a LoRA checkpoint (stage hand-over): its base and adapters, the same lora.json base
+    nxt = str(tmp_path / "next")
+    (r,) = run_distributed(load_worker, 1, overrides(nxt, data, 1, *lora_overrides(run)), timeout=300)
+    assert r["start"] == 0 and all(torch.equal(r["loaded"][k], v) for k, v in saved.items())
+    with open(os.path.join(nxt, "checkpoints", "step_00000001", "lora.json")) as f:
+        assert json.load(f)["base"] == os.path.abspath(base)
     (r,) = run_distributed(load_worker, 1, overrides(run, data, 3, *lo), timeout=300)
     assert r["start"] == 2 and r["step"] == 3 and set(r["loaded"]) == set(saved)
     for k, v in saved.items():
