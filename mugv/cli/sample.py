@@ -15,8 +15,8 @@ next is loaded; `--dry-run` prints the estimated peak memory of each phase and l
 JSON spec / a JSON next to the weights naming a registered "kind": "video_vae" or the CPU
 stand-in "pca"). With a Megatron checkpoint, --ema samples from its EMA weights (a LoRA training
 checkpoint samples its base with the adapters merged). --lora DIR merges a LoRA adapter directory
-(`mugv convert to-hf --lora-only`, PEFT-style) into the model's weights before sampling. --out *.pt writes the
-fp32 video tensor [3, F, H, W] in [-1, 1] instead of an mp4.
+(`mugv convert to-hf --lora-only`, PEFT-style) into the model's weights before sampling.
+--out *.pt writes the fp32 video tensor [3, F, H, W] in [-1, 1] instead of an mp4.
 """
 
 from __future__ import annotations
