@@ -1,6 +1,10 @@
 """Run the Megatron MUGDiT at a parallel layout on N gloo ranks and bring back, in the release
 layout, what the single-process reference is compared against: the (gathered) outputs, every
-parameter's gradient after finalize, and every parameter after one optimizer step."""
+parameter's gradient after finalize, and every parameter after one optimizer step.
+
+With `Layout.lora` the layers get LoRA adapters (mugv.models.megatron.lora) and the base is
+frozen: gradients and the optimizer cover the adapters only; the reference is the plain MUGDiT
+with mugv.models.lora adapters (see `lora_reference_model`)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class Layout:
     microbatches: int = 1
     recompute: str | None = None
     bf16: bool = False
+    lora: dict | None = None  # LoRASettings fields (rank, alpha, targets, ...)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -59,8 +64,8 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     merged over tensor parallelism."""
     from megatron.core import parallel_state
 
-    from mugv.checkpoint.keys import unwrap
-    from mugv.models.megatron.weight_map import chunk_mapping, merge
+    from mugv.checkpoint.keys import chunk_rows, unwrap
+    from mugv.models.megatron.weight_map import merge
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
@@ -68,8 +73,10 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     for ddp in ddp_chunks:
         chunk = unwrap(ddp)
         params = dict(chunk.named_parameters())
-        for row in chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process):
+        for row in chunk_rows(chunk):
             p = params[row.megatron]
+            if what == "grad" and not p.requires_grad:  # frozen (LoRA base): no gradient
+                continue
             t = p.detach().clone() if what == "data" else _densify(ddp, p, p.main_grad.detach(), distopt)
             shards = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(shards, t.contiguous(), group=tp_group)
@@ -88,8 +95,14 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
 
     from mugv.diffusion import flow_loss
     from mugv.models import MUGDiTConfig
-    from mugv.models.megatron import build_model_chunks, megatron_config, padded_sequence_length
+    from mugv.models.megatron import (
+        build_model_chunks,
+        get_layer_spec,
+        megatron_config,
+        padded_sequence_length,
+    )
     from mugv.models.megatron.config import grad_accumulation_fusion_available
+    from mugv.models.megatron.lora import LoRASettings, prepare_lora
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
@@ -114,7 +127,10 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     )
     if layout.bf16:
         cfg.pipeline_dtype = torch.bfloat16
-    chunks = build_model_chunks(cfg)
+    lora = LoRASettings(**layout.lora) if layout.lora else None
+    chunks = build_model_chunks(cfg, get_layer_spec("local", lora=lora) if lora else None)
+    if lora:
+        prepare_lora(chunks, seed=0)  # freeze the base (the adapters' values come from release_sd)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for c in chunks:
         c.load_state_dict(release_to_chunk(release_sd, c, tp_rank, layout.tp, dit.num_heads), strict=True)
@@ -190,8 +206,25 @@ def reference(model, batch, target, microbatches=None):
         loss = sum(flow_loss(o, t, b["x_mask"]).mean() for o, (b, t) in zip(out, microbatches)) / len(out)
         out = [o.detach() for o in out]
     loss.backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    opt = torch.optim.Adam(model.parameters(), **ADAM)
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.detach().clone() for k, p in trained.items()}
+    opt = torch.optim.Adam(trained.values(), **ADAM)
     opt.step()
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     return (out.detach() if microbatches is None else out), grads, params
+
+
+def lora_reference_model(model, rank: int, alpha: float, targets=None, seed: int = 7):
+    """`model` (a plain MUGDiT) with LoRA adapters on `targets` (default all), both factors random
+    (B = 0 would make the adapters invisible in the output and A's gradient zero), base frozen."""
+    from mugv.models.lora import add_lora
+    from mugv.models.megatron.weight_map import LORA_TARGETS
+
+    add_lora(model, rank, alpha, targets or tuple(LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model

@@ -14,11 +14,13 @@ from omegaconf import OmegaConf
 
 from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
+from mugv.checkpoint.lora import LORA_RECORD
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.megatron import padded_sequence_length
 from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
+from mugv.training import lora
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
 from mugv.training.config import TrainConfig
 from mugv.training.ema import ShardedEMA
@@ -78,6 +80,10 @@ class Trainer:
         self.resumed = True
         path = latest_checkpoint(self.ckpt.root)
         if path:
+            if self.cfg.lora.rank:  # the frozen base first, from where the run's lora.json says
+                self.ckpt.files[LORA_RECORD] = lora.resume_base(self.cfg, path, self.model)
+            else:
+                lora.check_no_lora(path)
             common = load_checkpoint(path, self.model, self.optimizer, self.ema)
             self.step = int(common["step"])
             self.data.load_state_dict(common["data"])
@@ -89,7 +95,11 @@ class Trainer:
             t = self.cfg.train
             path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
-            load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
+            if self.cfg.lora.rank:
+                self.ckpt.files[LORA_RECORD] = lora.start_from(self.cfg, path, self.model, opt)
+            else:
+                lora.check_no_lora(path)
+                load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
             if opt is None:
                 self.optimizer.reload_model_params()  # main fp32 params from the loaded weights
             if self.ema is not None:
