@@ -109,9 +109,12 @@ def load_model(
     ema: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    lora: str | None = None,
 ) -> MUGDiT:
     """A plain MUGDiT (eval) from an HF directory, a release dit.pt (config inferred from shapes
-    unless given) or a Megatron checkpoint / run directory (`ema` picks its EMA weights)."""
+    unless given) or a Megatron checkpoint / run directory (`ema` picks its EMA weights; a LoRA
+    checkpoint gives its base with the adapters merged). `lora`: an adapter directory
+    (`mugv convert to-hf --lora-only`, PEFT-style) merged into the weights (fp32 sum, then `dtype`)."""
     from mugv.checkpoint.weights import load_release_weights
     from mugv.convert import ReleaseSource
     from mugv.convert.sources import is_hf_dir
@@ -121,6 +124,11 @@ def load_model(
         config, sd = source.config, dict(source.items())
     else:
         config, sd = load_release_weights(path, ema)
+    if lora:
+        from mugv.models.lora import apply_adapter
+
+        model = apply_adapter(MUGDiT.from_state_dict(config, sd, "cpu"), lora)
+        sd = model.state_dict()
     model = MUGDiT.from_state_dict(config, {k: v.to(dtype) for k, v in sd.items()}, device)
     return model.eval().requires_grad_(False)
 

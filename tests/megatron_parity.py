@@ -5,7 +5,11 @@ parameter's gradient after finalize, and every parameter after one optimizer ste
 The loss is the training loss (mugv.training.step): the mean over all samples of the step of each
 sample's masked flow loss. A micro-batch is a batch dict of tensors, or a packed one: a dict of
 lists over groups of same-shape samples (the model's packed input), its target a list too; the
-reference runs every sample of a packed micro-batch alone through the plain model."""
+reference runs every sample of a packed micro-batch alone through the plain model.
+
+With `Layout.lora` the layers get LoRA adapters (mugv.models.megatron.lora) and the base is
+frozen: gradients and the optimizer cover the adapters only; the reference is the plain MUGDiT
+with mugv.models.lora adapters (see `lora_reference_model`)."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class Layout:
     microbatches: int = 1
     recompute: str | None = None
     bf16: bool = False
+    lora: dict | None = None  # LoRASettings fields (rank, alpha, targets, ...)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -64,8 +69,8 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     merged over tensor parallelism."""
     from megatron.core import parallel_state
 
-    from mugv.checkpoint.keys import unwrap
-    from mugv.models.megatron.weight_map import chunk_mapping, merge
+    from mugv.checkpoint.keys import chunk_rows, unwrap
+    from mugv.models.megatron.weight_map import merge
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
@@ -73,8 +78,10 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     for ddp in ddp_chunks:
         chunk = unwrap(ddp)
         params = dict(chunk.named_parameters())
-        for row in chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process):
+        for row in chunk_rows(chunk):
             p = params[row.megatron]
+            if what == "grad" and not p.requires_grad:  # frozen (LoRA base): no gradient
+                continue
             t = p.detach().clone() if what == "data" else _densify(ddp, p, p.main_grad.detach(), distopt)
             shards = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(shards, t.contiguous(), group=tp_group)
@@ -92,7 +99,13 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
     from megatron.core.transformer.module import Float16Module
 
     from mugv.models import MUGDiTConfig
-    from mugv.models.megatron import build_model_chunks, megatron_config
+    from mugv.models.megatron import (
+        build_model_chunks,
+        get_layer_spec,
+        megatron_config,
+    )
+    from mugv.models.megatron.config import grad_accumulation_fusion_available
+    from mugv.models.megatron.lora import LoRASettings, prepare_lora
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
@@ -113,11 +126,15 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         variable_seq_lengths=microbatches is not None,
         bf16=layout.bf16,
         params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
+        gradient_accumulation_fusion=grad_accumulation_fusion_available(),  # as mugv.training.build
         **layout.extra,
     )
     if layout.bf16:
         cfg.pipeline_dtype = torch.bfloat16
-    chunks = build_model_chunks(cfg)
+    lora = LoRASettings(**layout.lora) if layout.lora else None
+    chunks = build_model_chunks(cfg, get_layer_spec("local", lora=lora) if lora else None)
+    if lora:
+        prepare_lora(chunks, seed=0)  # freeze the base (the adapters' values come from release_sd)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for c in chunks:
         c.load_state_dict(release_to_chunk(release_sd, c, tp_rank, layout.tp, dit.num_heads), strict=True)
@@ -218,8 +235,25 @@ def reference(model, batch, target, microbatches=None):
         detach = lambda o: o.detach() if torch.is_tensor(o) else [g.detach() for g in o]
         out = [detach(r[0]) for r in runs]
     losses.mean().backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    opt = torch.optim.Adam(model.parameters(), **ADAM)
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.detach().clone() for k, p in trained.items()}
+    opt = torch.optim.Adam(trained.values(), **ADAM)
     opt.step()
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     return (out.detach() if microbatches is None else out), grads, params
+
+
+def lora_reference_model(model, rank: int, alpha: float, targets=None, seed: int = 7):
+    """`model` (a plain MUGDiT) with LoRA adapters on `targets` (default all), both factors random
+    (B = 0 would make the adapters invisible in the output and A's gradient zero), base frozen."""
+    from mugv.models.lora import add_lora
+    from mugv.models.megatron.weight_map import LORA_TARGETS
+
+    add_lora(model, rank, alpha, targets or tuple(LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model

@@ -38,7 +38,7 @@ def test_configs_present():
         "curriculum/mugv_10b.yaml",
     }
     assert expected <= names
-    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 5
+    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 6
 
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: os.path.relpath(p, CONFIGS))
@@ -66,6 +66,7 @@ def test_10b_stages_fit_80gb_with_their_recommended_layouts(tmp_path):
         "c_video360p",
         "d_video720p",
         "e_anneal",
+        "f_sft",
     ]
     for s in stages:
         p, dit = s.cfg.parallel, s.cfg.model.build()
@@ -217,6 +218,11 @@ STAGE = os.path.join(CONFIGS, "stages", "demo_images.yaml")
         (["data.batch_sizes.1x8=2", *DATA], r"batch_sizes\.1x8: bucket names are latent TxHxW"),
         (["data.num_workers=-1", *DATA], r"data\.num_workers = -1 must be >= 0"),
         (["optim.betas=[0.9]", *DATA], r"optim\.betas = \[0\.9\] must be two values"),
+        (["lora.rank=8", *DATA], r"lora\.rank > 0 trains adapters on frozen base weights: set train\.init_from"),
+        (["lora.rank=8", "lora.targets=[qkv,fc3]", "train.init_from=x", *DATA], r"lora\.targets = .*fc3"),
+        (["lora.rank=8", "lora.dropout=0.1", "parallel.recompute=full", "train.init_from=x", *DATA],
+         r"lora\.dropout > 0 with parallel\.recompute=full"),
+        (["lora.rank=-1", *DATA], r"lora\.rank = -1 must be >= 0"),
     ],
 )
 def test_bad_values_fail_at_load_naming_key_and_file(overrides, message):

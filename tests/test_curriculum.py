@@ -155,7 +155,8 @@ def test_single_node_script_dry_run(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("memory estimate per device") == 5
+    stages = resolve_stages(os.path.join(REPO, "configs/curriculum/mugv_10b.yaml"), str(tmp_path))
+    assert out.stdout.count("memory estimate per device") == len(stages) >= 6  # a..e, f_sft (LoRA)
     assert "--nnodes=8 --node-rank=$NODE_RANK --rdzv-backend=c10d" in out.stdout
     stage = subprocess.run(
         [script, os.path.join(STAGES, "demo_images.yaml"), "--nproc", "2", "--dry-run", "optim.lr=5e-4",

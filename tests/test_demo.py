@@ -132,15 +132,23 @@ def test_demo_uses_the_library_not_the_cli():
         assert not [m for m in names if m.startswith("mugv.cli")], path
 
 
-def test_fast_demo_end_to_end(tmp_path):
+def test_fast_demo_end_to_end(tmp_path, monkeypatch):
     from mugv.demo.pipeline import DemoPlan, run_demo
+    from mugv.demo.score import score_prompts
+    from mugv.text import T5TextEncoder
     from mugv.utils.video import read_video
 
+    encoded: list[list[str]] = []  # every prompt list the demo's (in-process) text encoder sees
+    encode = T5TextEncoder.encode
+    monkeypatch.setattr(T5TextEncoder, "encode", lambda self, p, *a, **k: encoded.append(list(p)) or encode(self, p, *a, **k))
     out = str(tmp_path / "demo")
     start = time.monotonic()
     result = run_demo(out, nproc=2, plan=DemoPlan.fast())
     elapsed = time.monotonic() - start
     print(f"fast demo: {elapsed:.0f} s ({result.seconds})")
+    # the score captions are sampled exactly as prep encoded the training captions (no release suffix)
+    captions = [s.caption() for s in score_prompts()]
+    assert captions in encoded and not any(p.endswith("6.0.") for batch in encoded for p in batch)
     assert len(result.videos) == len(result.scores) == 8
     assert read_video(result.videos[0]).shape == (17, 64, 64, 3)
     assert f"sample score: colour {result.colour_score}/8, direction {result.direction_score}/8" in result.format()

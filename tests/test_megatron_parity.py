@@ -2,7 +2,9 @@
 same release-layout weights and batch (I2V sample, per-sample text lengths, odd H):
 outputs to 1e-5, every gradient and every parameter after one Adam step to 1e-4 (relative to
 the tensor's largest magnitude). Packed micro-batches (samples of different shapes in one
-sequence) against every sample run alone through the plain model, likewise."""
+sequence) against every sample run alone through the plain model, likewise. LoRA layouts: the
+same with adapters on every targeted linear and the base frozen (adapter gradients, the adapters
+after the step, the base unchanged)."""
 
 import dataclasses
 
@@ -11,7 +13,7 @@ import torch
 from conftest import TINY, mixed_batch, packed_microbatch, tiny_model
 
 from tests.dist_harness import run_distributed
-from tests.megatron_parity import Layout, parity_worker, reference, split_batch
+from tests.megatron_parity import Layout, lora_reference_model, parity_worker, reference, split_batch
 
 LAYOUTS = {
     "tp2_sp": Layout(tp=2, sp=True),
@@ -62,6 +64,58 @@ def problem():
     out, grads, params = reference(model, batch, target)
     kwargs = dict(TINY, depth=4, num_heads=4)
     return kwargs, sd, batch, target, out, grads, params
+
+
+LORA = dict(rank=4, alpha=8.0)
+LORA_LAYOUTS = {
+    "tp2_sp": Layout(tp=2, sp=True),
+    "tp2_nosp": Layout(tp=2, sp=False),
+    "pp2": Layout(pp=2, microbatches=2),
+    "tp2_cp2_recompute_full": Layout(tp=2, cp=2, sp=True, recompute="full"),
+    "pp2_dp2_recompute_selective": Layout(pp=2, dp=2, microbatches=2, recompute="selective"),
+}
+
+
+@pytest.fixture(scope="module")
+def lora_problem():
+    model = lora_reference_model(tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72), **LORA)
+    batch = mixed_batch(model.config, B=4, T=3, H=5, W=6, L=7)
+    target = torch.randn(4, 24, 3, 5, 6, generator=torch.Generator().manual_seed(5))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out, grads, params = reference(model, batch, target)
+    assert set(grads) == {k for k in sd if ".lora_" in k} and len(grads) == 4 * 7 * 2
+    return dict(TINY, depth=4, num_heads=4), sd, batch, target, out, grads, params
+
+
+@pytest.mark.parametrize("name", list(LORA_LAYOUTS))
+def test_lora_layout_matches_single_process(name, lora_problem):
+    """LoRA at TP2 (+SP or not), PP2, TP2xCP2 with full recompute, PP2xDP2 with selective recompute:
+    outputs, every adapter gradient and every parameter after one step (the frozen base unchanged)
+    equal the single-process LoRA model."""
+    kwargs, sd, batch, target, ref_out, ref_grads, ref_params = lora_problem
+    layout = dataclasses.replace(LORA_LAYOUTS[name], lora=LORA)
+    results = run_distributed(parity_worker, layout.world, layout, kwargs, sd, batch, target, timeout=240)
+    compare(results, layout, ref_out, ref_grads, ref_params, 1e-5, 1e-4, 1e-4)
+    for r in results:  # the base is frozen: bit for bit what was loaded
+        for k, p in r["params"].items():
+            if ".lora_" not in k:
+                assert torch.equal(p, sd[k]), k
+
+
+def test_lora_bf16_close_to_fp32(lora_problem):
+    """LoRA with a bf16 (frozen) base and bf16 adapters, fp32 main params: TP2+SP within bf16
+    precision of the fp32 reference, the adapters' Adam update as expected, the base untouched."""
+    kwargs, sd, batch, target, *_ = lora_problem
+    rounded = {k: v.bfloat16().float() if k in ("x", "timestep", "y") else v for k, v in batch.items()}
+    model = lora_reference_model(tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72), **LORA)
+    ref_out, ref_grads, ref_params = reference(model, rounded, target)
+    layout = Layout(tp=2, sp=True, bf16=True, lora=LORA)
+    results = run_distributed(parity_worker, layout.world, layout, kwargs, sd, batch, target, timeout=240)
+    compare(results, layout, ref_out, ref_grads, {}, 5e-2, 1e-1, 0.0)
+    errs = update_errors(results, sd, ref_params)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= BF16_UPDATE_TOL, f"update of {worst}: rel err {errs[worst]:.3f}"
+    assert all(errs[k] == 0.0 for k in errs if ".lora_" not in k)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

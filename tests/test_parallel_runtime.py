@@ -337,6 +337,8 @@ class _CudaScratchInBackward(torch.autograd.Function):
 
 
 def test_cpu_shim_is_explicit_idempotent_and_reversible():
+    from megatron.core.tensor_parallel import layers as mcore_layers
+
     import mugv.parallel as par
 
     assert not par.cpu_shims_installed()  # importing installs nothing
@@ -362,10 +364,20 @@ def test_cpu_shim_is_explicit_idempotent_and_reversible():
         leaf = torch.ones(2, requires_grad=True)
         _CudaScratchInBackward.apply(leaf).sum().backward()  # autograd runs backward without modes
         torch.testing.assert_close(leaf.grad, torch.full((2,), 3.0))
+        # weight-gradient accumulation fusion: main_grad += grad_output^T @ input, in place
+        assert mcore_layers._grad_accum_fusion_available
+        x, g, main = torch.randn(5, 3), torch.randn(5, 4), torch.randn(4, 3)
+        expected = main + g.t() @ x
+        mcore_layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x, g, main)
+        torch.testing.assert_close(main, expected)
+        main_bf16 = torch.zeros(4, 3)
+        mcore_layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x.bfloat16(), g.bfloat16(), main_bf16)
+        torch.testing.assert_close(main_bf16, (g.bfloat16().t() @ x.bfloat16()).float())
     finally:
         par.uninstall_cpu_shims()
     par.uninstall_cpu_shims()  # idempotent
     assert not par.cpu_shims_installed()
+    assert not mcore_layers._grad_accum_fusion_available
     assert torch.overrides._get_current_function_mode_stack() == []
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()

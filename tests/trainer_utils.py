@@ -67,3 +67,27 @@ def load_worker(rank, world, ovr: list[str]):
     start = trainer.step
     trainer.run()
     return dict(loaded=loaded, start=start, history=trainer.history, step=trainer.step)
+
+
+def base_checkpoint(root: str, seed: int = 3) -> str:
+    """A weights-only checkpoint of a random tiny MUGDiT (the trainer's model: mugdit_tiny with 32
+    text channels), as `mugv convert from-hf` writes it: the frozen base of LoRA runs."""
+    from mugv.convert import from_hf
+    from mugv.models import MUGDiT, MUGDiTConfig
+    from mugv.models.mugdit import PRESETS
+
+    out = os.path.join(root, "base_ckpt")
+    if not os.path.isdir(out):
+        torch.manual_seed(seed)
+        model = MUGDiT(MUGDiTConfig(**{**PRESETS["mugdit_tiny"], "caption_channels": 32}))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        dit = os.path.join(root, "base_dit.pt")
+        model.export_release(dit)
+        from_hf(dit, out)
+    return out
+
+
+def lora_overrides(base: str, *extra: str) -> list[str]:
+    return ["lora.rank=4", "lora.alpha=8", f"train.init_from={base}", *extra]

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                         num_heads=args.heads))
     cfg.train.text_dropout = 0.0
     cfg.ema.decay = 0.0
-    cfg.validate()
+    cfg.parallel.validate()
+    cfg.parallel.check_model(cfg.model.build())
     ctx = init_distributed(seed=0)
     dit = cfg.model.build()
     torch.manual_seed(0)

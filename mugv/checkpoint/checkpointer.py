@@ -10,6 +10,8 @@ complete one. What each rank writes (FORMAT.md):
   * `model.<key>` (training dtype): the weights, replicated over DP x CP; Megatron's fully
     parallel save strategy spreads these replicas' writes evenly over the DP x CP group.
   * `common` (rank 0): step, LR schedule, data position, guard, metrics, Adam's step count.
+Only the parameters the run trains are saved: with LoRA (frozen base) the adapters, their state
+and EMA, and `lora.json` naming where the base comes from (mugv.checkpoint.lora).
 Loading at any layout reads only the chunks that overlap what a rank owns there: a resume reads
 the optimizer slices and rebuilds the weights from the fp32 main parameters (all-gathered over
 DP like after an optimizer step), so it never reads the replicated weights.
@@ -76,9 +78,19 @@ def adam_step(optimizer) -> int:
     return max(steps, default=0)
 
 
+def trained_weights(model_sd: dict, select: str) -> dict:
+    """The entries of `model_sd` to read or write: "all", "trainable" or "frozen" parameters."""
+    if select == "all":
+        return model_sd
+    if select not in ("trainable", "frozen"):
+        raise ValueError(f"select must be 'all', 'trainable' or 'frozen', got {select!r}")
+    return {k: st for k, st in model_sd.items() if st.data.requires_grad == (select == "trainable")}
+
+
 def training_state(model, optimizer, ema) -> dict:
-    """Everything a rank saves, as ShardedTensors over the live tensors (nothing is copied)."""
-    model_sd = model_sharded_state_dict(model)
+    """Everything a rank saves, as ShardedTensors over the live tensors (nothing is copied): the
+    weights the run trains (all of them; with LoRA the adapters), their optimizer state and EMA."""
+    model_sd = trained_weights(model_sharded_state_dict(model), "trainable")
     state = dict(model_sd)
     state.update(optimizer_state(optimizer, model_sd))
     if ema is not None:
@@ -95,6 +107,7 @@ class Checkpointer:
                  async_save: bool = False):
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
+        self.files: dict[str, dict] = {}  # more JSON files written into every checkpoint (lora.json)
         self.queue = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -139,6 +152,8 @@ class Checkpointer:
         _barrier()
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, MODEL_CONFIG), self.model_config)
+            for name, obj in self.files.items():
+                write_json_atomic(os.path.join(tmp, name), obj)
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
             write_json_atomic(os.path.join(tmp, COMPLETE), {"step": step})
@@ -159,15 +174,17 @@ class Checkpointer:
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights: bool = False) -> dict:
+def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights: bool = False,
+                    select: str = "all") -> dict:
     """Load this rank's share of a checkpoint at the current layout; returns its common state.
 
     With `optimizer`: its fp32 main parameters and moments, and the weights rebuilt from the main
-    parameters. Without: the weights (`use_ema_weights`: the EMA as weights). With `ema`: the EMA."""
+    parameters. Without: the weights (`use_ema_weights`: the EMA as weights), `select`: "all",
+    "frozen" (a LoRA run's base) or "trainable" (its adapters). With `ema`: the EMA."""
     common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
     if optimizer is not None and "optimizer" not in common:
         raise KeyError(f"{path}: no optimizer state (a weights-only checkpoint); load without the optimizer")
-    model_sd = model_sharded_state_dict(model)
+    model_sd = trained_weights(model_sharded_state_dict(model), select)
     if optimizer is not None:
         template = optimizer_state(optimizer, model_sd)
     elif use_ema_weights:

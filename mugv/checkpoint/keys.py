@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from mugv.models.megatron.lora import lora_targets
 from mugv.models.megatron.weight_map import (
     COLUMN,
     GLOBAL_TABLE,
@@ -44,6 +45,12 @@ def global_key(row: ParamMap) -> str:
     return f"layers.{layer}." + row.megatron.split(".", 2)[2]
 
 
+def chunk_rows(chunk) -> list[ParamMap]:
+    """Weight-map rows of an (unwrapped) chunk's parameters, its LoRA adapters included."""
+    return list(chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process,
+                              lora_targets(chunk)))
+
+
 def model_sharded_state_dict(chunks, prefix: str = "model.") -> dict[str, ShardedTensor]:
     """ShardedTensors of this rank's parameters (the live parameter tensors, so Megatron's
     distributed optimizer can find them), keyed `prefix + global_key`."""
@@ -55,7 +62,7 @@ def model_sharded_state_dict(chunks, prefix: str = "model.") -> dict[str, Sharde
     for v, wrapped in enumerate(chunks):
         chunk = unwrap(wrapped)
         params = dict(chunk.named_parameters())
-        for row in chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process):
+        for row in chunk_rows(chunk):
             key = prefix + global_key(row)
             axis = TP_AXIS[row.layout]
             # copies of a parameter: over TP when not split, over DP always, and over pipeline

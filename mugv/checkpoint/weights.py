@@ -4,6 +4,10 @@
 full Megatron-layout tensors and yields them in the release layout; `write_weights_checkpoint`
 writes a weights-only checkpoint (model and EMA from the same tensors) from release tensors.
 Both run in one process (`dist_session`), need no model and never hold more than a batch.
+
+A LoRA checkpoint (lora.json, mugv.checkpoint.lora) holds adapters only: `read_adapters` gives
+them in the release layout (PEFT names, mugv.models.lora), `iter_merged_weights` streams its base
+with every adapted weight merged (W + alpha/r * B A); `load_release_weights` merges too.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch.distributed as dist
 
 from mugv.checkpoint.keys import global_key
 from mugv.checkpoint.locate import COMPLETE, MODEL_CONFIG, read_model_config, resolve
-from mugv.models.megatron.weight_map import full_mapping, merge, split
+from mugv.checkpoint.lora import base_checkpoint, read_lora_record
+from mugv.models.lora import merged_weight
+from mugv.models.megatron.weight_map import ParamMap, full_mapping, merge, split
 from mugv.models.mugdit import MUGDiTConfig
 from mugv.utils.checkpoint_io import write_json_atomic
 from mugv.utils.logging import progress
@@ -70,13 +76,14 @@ def read_full(ckpt_dir: str, keys: list[str], meta: dict) -> dict[str, torch.Ten
 
 
 def iter_release_weights(
-    ckpt_dir: str, config: MUGDiTConfig, ema: bool = False, batch_bytes: int = 2**30
+    ckpt_dir: str, config: MUGDiTConfig, ema: bool = False, batch_bytes: int = 2**30,
+    rows: list[ParamMap] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (release name, tensor) from a checkpoint, reading `batch_bytes` at a time. Call
-    inside dist_session()."""
+    """Yield (release name, tensor) from a checkpoint, reading `batch_bytes` at a time (the model's
+    weights, or the given weight-map rows). Call inside dist_session()."""
     prefix = weight_prefix(ema)
     meta = checkpoint_metadata(ckpt_dir)
-    rows = list(full_mapping(config.depth))
+    rows = list(full_mapping(config.depth)) if rows is None else rows
     missing = [prefix + global_key(r) for r in rows if prefix + global_key(r) not in meta]
     if missing:
         what = "EMA weights" if ema else "model weights"
@@ -93,11 +100,38 @@ def iter_release_weights(
             batch, size = [], 0
 
 
+def read_adapters(ckpt_dir: str, config: MUGDiTConfig, record: dict, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The adapters of a LoRA checkpoint, release layout and names (blocks.{i}.<module>.lora_A.weight)."""
+    rows = list(full_mapping(config.depth, record["targets"], base=False))
+    return dict(iter_release_weights(ckpt_dir, config, ema, rows=rows))
+
+
+def iter_merged_weights(
+    ckpt_dir: str, config: MUGDiTConfig, record: dict, ema: bool = False, batch_bytes: int = 2**30
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The release weights of a LoRA checkpoint: its base (as lora.json says) with every adapted
+    weight merged, W + alpha/r * B A (fp32, stored dtype); `ema`: the adapters' EMA."""
+    base = base_checkpoint(ckpt_dir, record)
+    if read_model_config(base) != config:
+        raise ValueError(f"{ckpt_dir}: its base {base} is a different model ({read_model_config(base)})")
+    adapters = read_adapters(ckpt_dir, config, record, ema)
+    scale = float(record["alpha"]) / int(record["rank"])
+    for name, t in iter_release_weights(base, config, record["base_ema"], batch_bytes):
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A.weight" in adapters:
+            t = merged_weight(t, adapters.pop(f"{module}.lora_A.weight"), adapters.pop(f"{module}.lora_B.weight"), scale)
+        yield name, t
+
+
 def load_release_weights(path: str, ema: bool = False) -> tuple[MUGDiTConfig, dict[str, torch.Tensor]]:
-    """The whole release state dict of a checkpoint (or run directory), stored dtype."""
+    """The whole release state dict of a checkpoint (or run directory), stored dtype; of a LoRA
+    checkpoint, its base with the adapters merged."""
     ckpt = resolve(path)
     config = read_model_config(ckpt)
+    record = read_lora_record(ckpt)
     with dist_session():
+        if record is not None:
+            return config, dict(iter_merged_weights(ckpt, config, record, ema))
         return config, dict(iter_release_weights(ckpt, config, ema))
 
 

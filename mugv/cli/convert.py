@@ -1,6 +1,8 @@
 """`mugv convert`: Megatron checkpoints <-> HF directories / release dit.pt, and verification.
 
     mugv convert to-hf   --ckpt runs/x [--ema] --out hf_dir [--release dit.pt]
+    mugv convert to-hf   --ckpt runs/lora_run --merge-lora --out hf_dir [--release dit.pt]   # base + adapters
+    mugv convert to-hf   --ckpt runs/lora_run --lora-only --out adapter_dir      # PEFT-style adapter
     mugv convert from-hf --src dit.pt|hf_dir --out ckpt_dir [--config mugdit_10b|config.json]
     mugv convert verify  --hf dit.pt|hf_dir --ckpt ckpt_dir [--tp 2 --pp 2 --cp 2] [--ema] [--tolerance 1e-4]
 
@@ -26,6 +28,11 @@ def register(sub) -> None:
     t.add_argument("--release", default=None, help="also/instead write a release dit.pt here")
     t.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw weights")
     t.add_argument("--shard-gb", type=float, default=5.0, help="max safetensors shard size (GiB)")
+    lora = t.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="LoRA checkpoint: write its base with the adapters merged (loads into the plain MUGDiT)")
+    lora.add_argument("--lora-only", action="store_true",
+                      help="LoRA checkpoint: write only the adapter to --out (adapter_model.safetensors + adapter_config.json)")
     t.set_defaults(func=run_to_hf)
 
     f = conv.add_parser("from-hf", help="HF directory or release dit.pt -> Megatron checkpoint (any TP/PP)")
@@ -57,7 +64,8 @@ def run_to_hf(args) -> int:
 
     if args.out is None and args.release is None:
         raise SystemExit("mugv convert to-hf: give --out and/or --release")
-    ckpt = to_hf(args.ckpt, args.out, args.release, ema=args.ema, max_shard_bytes=int(args.shard_gb * GiB))
+    ckpt = to_hf(args.ckpt, args.out, args.release, ema=args.ema, max_shard_bytes=int(args.shard_gb * GiB),
+                 merge_lora=args.merge_lora, lora_only=args.lora_only)
     print(f"converted {ckpt} -> {', '.join(p for p in (args.out, args.release) if p)}")
     return 0
 

@@ -13,8 +13,10 @@ next is loaded; `--dry-run` prints the estimated peak memory of each phase and l
 
 --vae accepts an autoencoder path understood by mugv.sampling.load_autoencoder (a vae.pt, or a
 JSON spec / a JSON next to the weights naming a registered "kind": "video_vae" or the CPU
-stand-in "pca"). With a Megatron checkpoint, --ema samples from its EMA weights. --out *.pt writes the
-fp32 video tensor [3, F, H, W] in [-1, 1] instead of an mp4.
+stand-in "pca"). With a Megatron checkpoint, --ema samples from its EMA weights (a LoRA training
+checkpoint samples its base with the adapters merged). --lora DIR merges a LoRA adapter directory
+(`mugv convert to-hf --lora-only`, PEFT-style) into the model's weights before sampling.
+--out *.pt writes the fp32 video tensor [3, F, H, W] in [-1, 1] instead of an mp4.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def register(sub) -> None:
         "--config", default=None, help="preset or JSON for a dit.pt (default: inferred from shapes)"
     )
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a Megatron checkpoint")
+    p.add_argument("--lora", default=None, help="LoRA adapter directory to merge into the model (to-hf --lora-only)")
     p.add_argument("--t5", required=True, help="local T5 encoder directory")
     p.add_argument("--text-length", type=int, default=300, help="T5 tokens (padded / truncated)")
     p.add_argument("--vae", required=True, help="autoencoder: vae.pt or a JSON spec (see mugv.sampling)")
@@ -120,7 +123,7 @@ def run(args) -> int:
     if args.image:
         pixels, ref = encode_reference(vae, args.image, args.height, args.width, args.image_resample)
     config = parse_config_arg(args.config) if args.config else None
-    model = load_model(args.model, config, ema=args.ema, device=device, dtype=dtype)
+    model = load_model(args.model, config, ema=args.ema, device=device, dtype=dtype, lora=args.lora)
     bar, progress = _progress_bar(args.steps)
     latents = sample_latents(
         model, cond, [args.prompt], latent_shape, steps=args.steps, guidance=args.guidance, seed=args.seed,

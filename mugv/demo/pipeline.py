@@ -30,7 +30,12 @@ from mugv.utils.logging import get_logger
 log = get_logger("demo")
 
 CURRICULUM = "curriculum/demo.yaml"  # among the packaged configs (mugv.config.find_config)
-SHIFT_RATIO = 1.0
+# Timestep shift of training and sampling: 64 px is far below the 512 px the size-based shift is
+# tuned for (it would give a ratio < 1, rarely training at high noise, where colour, position and
+# direction are decided). A fixed ratio of 2 puts more training there; measured on the video stage
+# (4 sampling seeds x 8 captions, guidance 4): ratio 1 scored colour 29/32, direction 25/32;
+# ratio 2 scored 32/32 and 32/32.
+SHIFT_RATIO = 2.0
 
 
 @dataclass
@@ -128,8 +133,7 @@ def train_overrides(plan: DemoPlan, dataset: str) -> list[str]:
         "logging.tensorboard=true",
         "checkpoint.interval=0",
         "checkpoint.keep_last=1",
-        # 64 px is far below the 512 px the size-based shift is tuned for: train (and sample) unshifted
-        f"train.shift_ratio={SHIFT_RATIO}",
+        f"train.shift_ratio={SHIFT_RATIO}",  # and sampled with the same ratio
         *plan.model,
     ]
 
@@ -218,6 +222,7 @@ def sample_and_score(hf: str, data, plan: DemoPlan, out_dir: str) -> tuple[list[
     latents = sample_latents(
         model, text, [s.caption() for s in specs], ae.latent_shape(frames, size, size), negative_prompt="",
         steps=plan.sample_steps, guidance=plan.guidance, seed=0, fps=plan.data.fps, shift_ratio=SHIFT_RATIO,
+        prompt_suffix="",  # prep encoded the demo's captions as they are (the release suffix is for its weights)
     )  # fmt: skip
     clips = [to_uint8_frames(v) for v in ae.decode(latents).clamp(-1, 1)]  # each uint8 [F, H, W, 3]
     os.makedirs(out_dir, exist_ok=True)

@@ -41,6 +41,12 @@ What it does:
    the CPU generator *is* the forked stream, so that check fails on every use (Megatron's
    "CPU RNG state changed within GPU RNG context" warning) although nothing is wrong.
 
+5. ``megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda``: apex's fused
+   weight-gradient accumulation (``main_grad += grad_output^T @ input`` in one GEMM) as
+   ``Tensor.addmm_``, so ``gradient_accumulation_fusion`` works on CPU as on GPU: the linears'
+   weight gradients go straight into DDP's fp32 ``main_grad`` buffer instead of through a
+   separate gradient tensor and a second pass to add it.
+
 Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack)
 and is not active in plain tensor/module hooks that run during backward (3. covers custom
 autograd Functions only); ``device="cuda"`` literals in such code would still fail. Every torch
@@ -200,6 +206,19 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+class _CpuWgradAccumulation:
+    """Stand-in for apex's fused_weight_gradient_mlp_cuda (2D input [n, in], grad_output [n, out])."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        if total_input.dtype == grad_output.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:  # bf16 activations into an fp32 buffer: the unfused path's product, added once
+            main_grad.add_(grad_output.t().mm(total_input))
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
 def _torch_cuda_replacements() -> dict[str, Any]:
     return {
         "current_device": lambda: "cpu",
@@ -228,9 +247,14 @@ def install_cpu_shims() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("install_cpu_shims: CUDA is available; the CPU shim must not be used with CUDA")
+    from megatron.core.tensor_parallel import layers as mcore_layers
     from megatron.core.tensor_parallel import random as mcore_random
 
-    saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}, "backward": {}}
+    saved: dict[str, Any] = {"cuda": {}, "nvtx": {}, "mcore_random": {}, "backward": {}, "layers": {}}
+    for name, value in (("_grad_accum_fusion_available", True), ("fused_weight_gradient_mlp_cuda", _CpuWgradAccumulation)):
+        saved["layers"][name] = getattr(mcore_layers, name, None)
+        setattr(mcore_layers, name, value)
+    saved["layers_module"] = mcore_layers
     saved["fork"] = mcore_random.CudaRNGStatesTracker.__dict__["fork"]
     mcore_random.CudaRNGStatesTracker.fork = _cpu_fork
     for name, value in _torch_cuda_replacements().items():
@@ -273,6 +297,8 @@ def uninstall_cpu_shims() -> None:
     for name, value in saved["backward"].items():
         setattr(torch.autograd.function.BackwardCFunction, name, value)
     saved["module"].CudaRNGStatesTracker.fork = saved["fork"]
+    for name, value in saved["layers"].items():
+        setattr(saved["layers_module"], name, value)
     _INSTALLED = None
 
 

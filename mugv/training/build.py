@@ -1,6 +1,7 @@
 """Build the parallel model and its optimizer from a TrainConfig, in a fixed order:
-Megatron config -> model chunks (this rank's pipeline stages) -> bf16 wrapper -> DDP ->
-gradient finalisation -> distributed optimizer."""
+Megatron config -> model chunks (this rank's pipeline stages; with lora.rank > 0 the LoRA layer
+spec, base frozen) -> bf16 wrapper -> DDP -> gradient finalisation -> distributed optimizer.
+DDP and the optimizer see only parameters that require grad: with LoRA, the adapters."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 
-from mugv.models.megatron import build_model_chunks, megatron_config
-from mugv.models.megatron.config import MUGDiTTransformerConfig
+from mugv.models.megatron import build_model_chunks, get_layer_spec, megatron_config
+from mugv.models.megatron.config import MUGDiTTransformerConfig, grad_accumulation_fusion_available
+from mugv.models.megatron.lora import LoRASettings, prepare_lora
 from mugv.models.mugdit import MUGDiTConfig
 from mugv.parallel.grads import finalize_grads
 from mugv.training.config import TrainConfig
@@ -48,9 +50,20 @@ def use_distributed_optimizer(cfg: TrainConfig) -> bool:
     return dist.get_world_size(parallel_state.get_data_parallel_group(with_context_parallel=True)) > 1
 
 
+def lora_settings(cfg: TrainConfig) -> LoRASettings | None:
+    lo = cfg.lora
+    return LoRASettings(lo.rank, lo.alpha, lo.dropout, tuple(lo.targets)) if lo.rank else None
+
+
 def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.device) -> list:
-    """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP."""
-    chunks = [c.to(device) for c in build_model_chunks(mcfg)]
+    """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP (whose main_grad
+    buffers the linears then accumulate weight gradients into directly, where supported)."""
+    mcfg.gradient_accumulation_fusion = grad_accumulation_fusion_available()
+    lora = lora_settings(cfg)
+    spec = get_layer_spec(mcfg.backend, mcfg.te_attention, lora=lora) if lora else None
+    chunks = [c.to(device) for c in build_model_chunks(mcfg, spec)]
+    if lora:
+        prepare_lora(chunks, cfg.train.seed)
     if mcfg.bf16:
         chunks = [Float16Module(mcfg, c) for c in chunks]
     ddp_cfg = DistributedDataParallelConfig(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from mugv.data.config import DataConfig
 from mugv.diffusion import SamplerConfig
 from mugv.models import MUGDiTConfig
+from mugv.models.megatron.weight_map import LORA_TARGETS
 
 
 def _check(ok: bool, message: str) -> None:
@@ -138,6 +139,27 @@ class TrainSection:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning: adapters on the layer linears, the base weights (from train.init_from) frozen."""
+
+    rank: int = 0  # adapter rank r; 0 = off (full-parameter training)
+    alpha: float = 32.0  # the adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter input (its RNG is not checkpointed; not with recompute: full)
+    # linears to adapt: qkv, proj (self-attention), cross_q, cross_kv, cross_proj, fc1, fc2 (MLP)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self) -> None:
+        _check(self.rank >= 0, f"lora.rank = {self.rank} must be >= 0 (0 = off)")
+        if not self.rank:
+            return
+        _check(self.alpha > 0, f"lora.alpha = {self.alpha} must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout = {self.dropout} is not in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(bool(self.targets) and not unknown and len(set(self.targets)) == len(self.targets),
+               f"lora.targets = {list(self.targets)} must be distinct names of {list(LORA_TARGETS)}")  # fmt: skip
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoint cadence and retention (Megatron dist_checkpointing, layout-independent)."""
 
@@ -188,6 +210,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
@@ -216,6 +239,12 @@ class TrainConfig:
         _check(t.time_budget_minutes >= 0, f"train.time_budget_minutes = {t.time_budget_minutes} must be >= 0")
         _check(bool(t.init_from) or not (t.init_load_optimizer or t.init_use_ema),
                "train.init_load_optimizer / train.init_use_ema need train.init_from")  # fmt: skip
+        self.lora.validate()
+        if self.lora.rank:
+            _check(bool(t.init_from), "lora.rank > 0 trains adapters on frozen base weights: set train.init_from "
+                   "(the checkpoint, e.g. a `mugv convert from-hf` output, they are read from)")  # fmt: skip
+            _check(not (self.lora.dropout and self.parallel.recompute == "full"),
+                   "lora.dropout > 0 with parallel.recompute=full: the recompute would draw other dropout masks")  # fmt: skip
         LRSchedule(self.optim, t.steps)  # the schedule's own rules (cosine after warmup, wsd fits)
         _check(self.checkpoint.interval >= 0, f"checkpoint.interval = {self.checkpoint.interval} must be >= 0")
         _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last = {self.checkpoint.keep_last} must be >= 1")

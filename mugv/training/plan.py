@@ -9,6 +9,10 @@ without recompute as the backward working set (plus, under `full`, the layer bei
 times the micro-batches a 1F1B pipeline keeps in flight on its first stage. A packed micro-batch
 (data.packing) holds at most token_budget tokens like a bucketed one, but up to max_batch_size
 samples: their text tokens and per-frame rows are counted at that cap.
+
+With LoRA (lora.rank > 0) gradients, optimizer state and EMA cover the adapters only (the base is
+held in the training dtype, frozen); the line "LoRA ..." prints what full-parameter training would
+need at the same layout and the difference.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ GiB = 2**30
 
 def params_per_block(C: int, D: int, mlp_ratio: int) -> int:
     return (4 + 2 * mlp_ratio + 4) * C * C + (15 + 2 * mlp_ratio) * C + 4 * D  # 16C^2 + 21C + 4D at ratio 4
+
+
+def lora_params_per_block(dit: MUGDiTConfig, targets, rank: int, tp: int = 1) -> int:
+    """Adapter parameters of one block on one TP rank: a column-parallel target holds A [r, in]
+    whole and B [out/tp, r]; a row-parallel one A [r, in/tp] and B [out, r] whole."""
+    C, F = dit.hidden_size, dit.mlp_ratio * dit.hidden_size
+    shapes = {"qkv": (C, 3 * C, "col"), "proj": (C, C, "row"), "cross_q": (C, C, "col"), "cross_kv": (C, 2 * C, "col"),
+              "cross_proj": (C, C, "row"), "fc1": (C, F, "col"), "fc2": (F, C, "row")}
+    return sum(rank * (i + o // tp) if kind == "col" else rank * (i // tp + o)
+               for i, o, kind in (shapes[t] for t in targets))
+
+
+def lora_saved_bytes(cfg: TrainConfig, dit: MUGDiTConfig, tokens: float, text: float) -> float:
+    """What the adapters of one layer add to what it keeps for backward: B's input h (r wide; a
+    column target's is gathered over the sequence) and, with dropout, the dropped adapter input."""
+    p, lo, C = cfg.parallel, cfg.lora, dit.hidden_size
+    elem, s = (2 if p.bf16 else 4), (p.tp if p.sequence_parallel and p.tp > 1 else 1)
+    row = {"proj", "cross_proj", "fc2"}
+    out = 0.0
+    for t in lo.targets:
+        n = text if t == "cross_kv" else tokens
+        out += n * lo.rank * elem / (s if t in row else 1)
+        if lo.dropout:
+            width = {"fc2": dit.mlp_ratio * C}.get(t, C)
+            out += n * width * elem / (p.tp if t in row else (1 if t == "cross_kv" else s))
+    return out
 
 
 def block_bytes(dit: MUGDiTConfig, mode: str | None, elem: int, tokens: int, text_tokens: int, frames: int,
@@ -59,7 +89,7 @@ def recompute_layers(cfg: TrainConfig, dit: MUGDiTConfig) -> int:
     return (p.recompute_layers or chunk) if p.recompute == "full" else 0
 
 
-def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig) -> float:
+def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig, with_lora: bool = True) -> float:
     p, d = cfg.parallel, cfg.data
     elem = 2 if p.bf16 else 4
     sp = p.sequence_parallel and p.tp > 1
@@ -84,6 +114,8 @@ def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig) -> float:
     if p.vpp:
         in_flight *= 1 + (p.pp - 1) / (p.pp * p.vpp)
     working = layer(None) + (layer("selective") if n_full else 0)  # backward working set
+    if cfg.lora.rank and with_lora:
+        kept += chunks_here * (chunk - n_full) * lora_saved_bytes(cfg, dit, tokens, text)
     return (kept + shared + final) * in_flight + working
 
 
@@ -117,10 +149,13 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
     w_bytes = 2 if p.bf16 else 4
     # the distributed optimizer shards over DP x CP, and only when that group has > 1 rank
     shard = dp * p.cp if (dp and p.distributed_optimizer and dp * p.cp > 1) else 1
-    weights = per_device * w_bytes
-    grads = per_device * 4
-    optim = per_device * (4 * (1 if p.bf16 else 0) + 8) / shard  # fp32 main copy (bf16) + Adam m, v
-    ema = per_device * 4 / shard if cfg.ema.decay > 0 else 0
+    lo = cfg.lora
+    adapters = L // p.pp * lora_params_per_block(dit, lo.targets, lo.rank, p.tp) if lo.rank else 0
+    trained = adapters if lo.rank else per_device  # what has gradients, optimizer state and EMA
+    per_trained = lambda n: (n * 4, n * (4 * (1 if p.bf16 else 0) + 8) / shard,  # grads; fp32 main (bf16) + Adam m, v
+                             n * 4 / shard if cfg.ema.decay > 0 else 0)  # EMA
+    weights = (per_device + adapters) * w_bytes
+    grads, optim, ema = per_trained(trained)
     act = activation_bytes(cfg, dit)
     overhead, ceiling = flops_summary(cfg, dit)
     D = dit.head_dim
@@ -142,6 +177,12 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
         f"counted as spent; sample {'x'.join(map(str, stage_sample(cfg)))})",
         f"example: a 720p 5 s clip (14x90x160 latent) is {num_tokens(14, 90, 160)} tokens",
     ]
+    if lo.rank:
+        total = weights + grads + optim + ema + act
+        full = per_device * w_bytes + sum(per_trained(per_device)) + activation_bytes(cfg, dit, with_lora=False)
+        lines.insert(-1, f"LoRA r={lo.rank} alpha={lo.alpha} on {','.join(lo.targets)}: {adapters:,} trained parameters "
+                     f"per device ({adapters / per_device:.2%}), base frozen; full-parameter training at this layout "
+                     f"~{full / GiB:.1f} GiB per device -> LoRA saves ~{(full - total) / GiB:.1f} GiB")
     if cfg.preview.interval > 0 and cfg.preview.prompts:
         lines.append(preview_line(cfg, dit, act))
     return "\n".join(lines)

@@ -9,18 +9,19 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
+from mugv.checkpoint.lora import LORA_RECORD
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.flops import sample_cost
 from mugv.models.megatron import packed_sequence_length, padded_sequence_length
 from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
+from mugv.training import lora
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
 from mugv.training.config import TrainConfig
 from mugv.training.ema import ShardedEMA
@@ -81,6 +82,10 @@ class Trainer:
         self.resumed = True
         path = latest_checkpoint(self.ckpt.root)
         if path:
+            if self.cfg.lora.rank:  # the frozen base first, from where the run's lora.json says
+                self.ckpt.files[LORA_RECORD] = lora.resume_base(self.cfg, path, self.model)
+            else:
+                lora.check_no_lora(path)
             common = load_checkpoint(path, self.model, self.optimizer, self.ema)
             self.step = int(common["step"])
             self.data.load_state_dict(common["data"])
@@ -92,7 +97,11 @@ class Trainer:
             t = self.cfg.train
             path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
-            load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
+            if self.cfg.lora.rank:
+                self.ckpt.files[LORA_RECORD] = lora.start_from(self.cfg, path, self.model, opt)
+            else:
+                lora.check_no_lora(path)
+                load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
             if opt is None:
                 self.optimizer.reload_model_params()  # main fp32 params from the loaded weights
             if self.ema is not None:
@@ -123,10 +132,8 @@ class Trainer:
         ids = [i for b in batches for i in b.ids]
         applied = self.guard.check(self.step, float("nan") if found_inf else loss, grad_norm, ids)
         if applied:
-            clip = self.cfg.optim.clip_grad
-            if clip > 0:
-                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                    clip_grad_by_total_norm_fp32(opt.get_parameters(), clip, grad_norm)
+            if self.cfg.optim.clip_grad > 0:
+                clip_grads_(self.optimizer, self.cfg.optim.clip_grad, grad_norm)
             self.optimizer.step_with_ready_grads()
             if self.ema is not None:
                 self.ema.update()
@@ -196,6 +203,16 @@ def sequence_length(mcfg, batch) -> int:
     if len(batch.parts) == 1:
         return padded_sequence_length(mcfg, *batch.parts[0].latents.shape[2:])
     return packed_sequence_length(mcfg, [tuple(p.latents.shape[2:]) for p in batch.parts for _ in range(len(p))])
+
+
+def clip_grads_(optimizer, max_norm: float, total_norm: float) -> None:
+    """Scale the optimizer's gradients in place so that their global norm is at most max_norm
+    (Megatron's rule: coefficient max_norm / (norm + 1e-6), applied when below 1), in one pass."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        opts = getattr(optimizer, "chained_optimizers", [optimizer])
+        grads = [p.grad for opt in opts for p in opt.get_parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, coeff)
 
 
 def train(cfg: TrainConfig) -> int:

@@ -116,6 +116,15 @@ def megatron_config(dit: MUGDiTConfig, **parallel) -> MUGDiTTransformerConfig:
     )
 
 
+def grad_accumulation_fusion_available() -> bool:
+    """Whether Megatron's linears can accumulate weight gradients straight into DDP's fp32
+    main_grad in one GEMM (apex's kernel on GPU, mugv.parallel.cpu_compat's addmm_ on CPU).
+    Set `gradient_accumulation_fusion` only on a model that trains inside Megatron DDP."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
 def _derived_defaults(parallel: dict, depth: int) -> dict:
     out = {}
     if parallel.get("virtual_pipeline_model_parallel_size"):

@@ -7,6 +7,9 @@ te:    Transformer Engine linears and LayerNorm (FP8-capable), for GPUs with TE 
        self-attention core is the project's SDPA core, or with `te_attention` Transformer
        Engine's DotProductAttention (cuDNN / flash kernels); both slice padding keys off and do
        context parallelism through the project's Ulysses all-to-all or KV all-gather.
+
+`lora` (a LoRASettings) swaps the targeted linears for their LoRA classes (mugv.models.megatron.lora):
+the same base class with an adapter, sharded like it, for either backend.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mugv.models.megatron.layer import (
     SelfAttention,
     SelfAttentionSubmodules,
 )
+from mugv.models.megatron.lora import COLUMN, ROW, LoRASettings, lora_spec
 from mugv.models.mugdit import HeadRMSNorm
 
 
@@ -62,14 +66,16 @@ class TECoreAttention(SDPACoreAttention):
         return out.reshape(n, B, h * D)
 
 
-def _layer_spec(column, row, layer_norm, core=SDPACoreAttention) -> ModuleSpec:
+def _layer_spec(column, row, layer_norm, core=SDPACoreAttention, lora: LoRASettings | None = None) -> ModuleSpec:
+    col = lambda target: lora_spec(column, COLUMN, target, lora)
+    rowp = lambda target: lora_spec(row, ROW, target, lora)
     return ModuleSpec(
         module=MUGDiTLayer,
         submodules=MUGDiTLayerSubmodules(
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column, core_attention=core, linear_proj=row,
+                    linear_qkv=col("qkv"), core_attention=core, linear_proj=rowp("proj"),
                     q_layernorm=HeadRMSNorm, k_layernorm=HeadRMSNorm,
                 ),
             ),
@@ -77,18 +83,18 @@ def _layer_spec(column, row, layer_norm, core=SDPACoreAttention) -> ModuleSpec:
             cross_attention=ModuleSpec(
                 module=CrossAttention,
                 submodules=CrossAttentionSubmodules(
-                    linear_q=column, linear_kv=column, linear_proj=row,
+                    linear_q=col("cross_q"), linear_kv=col("cross_kv"), linear_proj=rowp("cross_proj"),
                     q_layernorm=HeadRMSNorm, k_layernorm=HeadRMSNorm,
                 ),
             ),
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col("fc1"), linear_fc2=rowp("fc2"))),
         ),
     )
 
 
-def get_layer_spec(backend: str = "local", te_attention: bool = False) -> ModuleSpec:
+def get_layer_spec(backend: str = "local", te_attention: bool = False, lora: LoRASettings | None = None) -> ModuleSpec:
     if backend == "local":
-        return _layer_spec(ColumnParallelLinear, RowParallelLinear, AffineLayerNorm)
+        return _layer_spec(ColumnParallelLinear, RowParallelLinear, AffineLayerNorm, lora=lora)
     if backend == "te":
         if importlib.util.find_spec("transformer_engine") is None:
             raise ImportError(
@@ -102,6 +108,6 @@ def get_layer_spec(backend: str = "local", te_attention: bool = False) -> Module
         )
 
         return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TENorm,
-                           TECoreAttention if te_attention else SDPACoreAttention)
+                           TECoreAttention if te_attention else SDPACoreAttention, lora)
     raise ValueError(f"unknown backend {backend!r}; expected 'local' or 'te'")
 

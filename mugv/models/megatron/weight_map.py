@@ -11,6 +11,11 @@ Layouts:
   row         columns split evenly over TP
   qkv         release rows [all Q; all K; all V] -> Megatron per head [q_h, k_h, v_h], heads split over TP
   kv          release rows [all K; all V]        -> Megatron per head [k_h, v_h], heads split over TP
+
+LoRA adapters (`LORA_TARGETS`) add two rows per adapted linear: A [r, in] and B [out, r], laid out
+like the base weight along the axis they share with it -- a column-parallel base (qkv, kv, column)
+splits B's rows the same way and replicates A; a row-parallel base splits A's columns and
+replicates B. Release names follow PEFT (`blocks.{i}.attn.qkv.lora_A.weight`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,30 @@ GLOBAL_TABLE: list[tuple[str, str]] = [
 ]
 
 
+# LoRA targets: name -> (release module under blocks.{i}., Megatron module under layers.{j}., base layout)
+LORA_TARGETS: dict[str, tuple[str, str, str]] = {
+    "qkv": ("attn.qkv", "self_attention.linear_qkv", QKV),
+    "proj": ("attn.proj", "self_attention.linear_proj", ROW),
+    "cross_q": ("cross_attn.q_linear", "cross_attention.linear_q", COLUMN),
+    "cross_kv": ("cross_attn.kv_linear", "cross_attention.linear_kv", KV),
+    "cross_proj": ("cross_attn.proj", "cross_attention.linear_proj", ROW),
+    "fc1": ("mlp.fc1", "mlp.linear_fc1", COLUMN),
+    "fc2": ("mlp.fc2", "mlp.linear_fc2", ROW),
+}
+
+
+def lora_layer_table(targets) -> list[tuple[str, str, str]]:
+    """(release suffix, Megatron suffix, layout) of the adapter tensors A and B of each target."""
+    out = []
+    for name in targets:
+        if name not in LORA_TARGETS:
+            raise ValueError(f"unknown LoRA target {name!r}; known: {list(LORA_TARGETS)}")
+        rel, meg, layout = LORA_TARGETS[name]
+        a, b = (ROW, REPLICATED) if layout == ROW else (REPLICATED, layout)
+        out += [(f"{rel}.lora_A.weight", f"{meg}.lora_A", a), (f"{rel}.lora_B.weight", f"{meg}.lora_B", b)]
+    return out
+
+
 @dataclass(frozen=True)
 class ParamMap:
     release: str
@@ -74,19 +103,22 @@ class ParamMap:
     layout: str
 
 
-def chunk_mapping(layer_offset: int, num_layers: int, pre_process: bool, post_process: bool) -> Iterator[ParamMap]:
-    """Rows for one pipeline chunk (its layers and the non-layer parameters it holds)."""
-    for name, where in GLOBAL_TABLE:
+def chunk_mapping(layer_offset: int, num_layers: int, pre_process: bool, post_process: bool,
+                  lora=(), base: bool = True) -> Iterator[ParamMap]:
+    """Rows for one pipeline chunk (its layers and the non-layer parameters it holds), with the
+    adapter rows of the LoRA targets `lora`; base=False: the adapter rows only."""
+    for name, where in GLOBAL_TABLE if base else ():
         if where == "every" or (where == "first" and pre_process) or (where == "last" and post_process):
             yield ParamMap(name, name, REPLICATED)
+    table = (LAYER_TABLE if base else []) + lora_layer_table(lora)
     for j in range(num_layers):
-        for rel, meg, layout in LAYER_TABLE:
+        for rel, meg, layout in table:
             yield ParamMap(f"blocks.{layer_offset + j}.{rel}", f"layers.{j}.{meg}", layout)
 
 
-def full_mapping(depth: int) -> Iterator[ParamMap]:
+def full_mapping(depth: int, lora=(), base: bool = True) -> Iterator[ParamMap]:
     """Rows for the whole model as one chunk (PP = 1)."""
-    return chunk_mapping(0, depth, True, True)
+    return chunk_mapping(0, depth, True, True, lora, base)
 
 
 def _per_head(t: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
@@ -131,7 +163,10 @@ def release_to_chunk(
     release: dict[str, torch.Tensor], chunk, tp_rank: int, tp_size: int, num_heads: int
 ) -> dict[str, torch.Tensor]:
     """The state dict of one Megatron chunk (MUGDiTMegatron) from a release state dict."""
-    rows = chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process)
+    from mugv.models.megatron.lora import lora_targets
+
+    rows = chunk_mapping(chunk.layer_offset, len(chunk.layers), chunk.pre_process, chunk.post_process,
+                         lora_targets(chunk))
     out = {}
     for r in rows:
         if r.release not in release:
