@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from mugv.training.config import ModelConfig, TrainConfig
     from mugv.training.guards import NonFiniteGuard
     from mugv.training.schedule import LRSchedule
+    from mugv.training.objective import FlowObjective
     from mugv.training.step import DiTForwardStep
     from mugv.training.trainer import Trainer
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk.load_state_dict(release_to_chunk(release, chunk, 0, 1, dit.num_heads), strict=True)
     optimizer = build_optimizer(cfg, mcfg, model)
     optimizer.reload_model_params()
-    step = DiTForwardStep(0, 0.0, None)
+    step = DiTForwardStep(FlowObjective(0, 0.0, None))
     trainer = SimpleNamespace(
         cfg=cfg, model=model, optimizer=optimizer, mcfg=mcfg, forward_step=step, ema=None, step=0,
         schedule=LRSchedule(cfg.optim, 10**6), guard=NonFiniteGuard(10**6),
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def plain_step():
         adamw.zero_grad(set_to_none=True)
-        inputs, target = step.noised_inputs(batch)
+        inputs, target = step.objective.noised_inputs(batch)
         loss = flow_loss(plain(**inputs), target, batch.x_mask).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), o.clip_grad)

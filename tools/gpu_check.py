@@ -136,6 +136,7 @@ def train(preset: str, sizes: list[tuple[int, int, int]], dev, cpu: bool) -> Non
     from mugv.training.guards import NonFiniteGuard
     from mugv.training.plan import activation_bytes
     from mugv.training.schedule import LRSchedule
+    from mugv.training.objective import FlowObjective
     from mugv.training.step import DiTForwardStep
     from mugv.training.trainer import Trainer
 
@@ -149,7 +150,7 @@ def train(preset: str, sizes: list[tuple[int, int, int]], dev, cpu: bool) -> Non
         model = build_model(cfg, mcfg, dev)
         optimizer = build_optimizer(cfg, mcfg, model)
         trainer = SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, mcfg=mcfg, ema=None, step=0,
-                                  forward_step=DiTForwardStep(0, 0.0, None), schedule=LRSchedule(cfg.optim, 100),
+                                  forward_step=DiTForwardStep(FlowObjective(0, 0.0, None)), schedule=LRSchedule(cfg.optim, 100),
                                   guard=NonFiniteGuard(100))
         batch = make_batch(dit, T, H, W, 64).to(dev)
         cfg.data.token_budget, cfg.data.max_batch_size, cfg.data.text_len = batch.num_tokens, 1, 64

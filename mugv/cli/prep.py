@@ -1,6 +1,7 @@
 """`mugv prep`: encode videos/images + captions into a mugv latent dataset.
 
     mugv prep --captions clips.csv --output data/ds --vae vae.pt|vae.json --t5 t5-xxl/ [--config prep.yaml] [key=value ...]
+    mugv prep --pairs pairs.csv --output data/pairs ...     # preference pairs: caption,chosen,rejected
 
 --vae takes what `mugv sample --vae` takes (mugv.sampling.load_autoencoder): a release vae.pt, or
 a JSON spec naming its kind, weights and config (e.g. a small VideoVAEConfig for a CPU smoke run).
@@ -20,6 +21,8 @@ def register(sub) -> None:
     )
     p.add_argument("--config", default=None, help="YAML file of a PrepConfig")
     p.add_argument("--captions", default=None, help="CSV/JSONL with path and caption columns")
+    p.add_argument("--pairs", default=None,
+                   help="instead of --captions: CSV/JSONL of preference pairs (caption, chosen, rejected)")
     p.add_argument("--output", default=None, help="dataset directory")
     p.add_argument("--vae", default=None, help="autoencoder: a release vae.pt or a JSON spec, as `mugv sample --vae`")
     p.add_argument("--t5", default=None, help="local T5 encoder directory")
@@ -35,7 +38,7 @@ def run(args) -> int:
     from mugv.sampling import load_autoencoder
     from mugv.text import T5TextEncoder
 
-    flags = {k: getattr(args, k) for k in ("captions", "output", "vae", "t5") if getattr(args, k)}
+    flags = {k: getattr(args, k) for k in ("captions", "pairs", "output", "vae", "t5") if getattr(args, k)}
     cfg = load_config(PrepConfig, args.config, [*args.overrides, *(f"{k}={v}" for k, v in flags.items())])
     for key in ("vae", "t5"):
         if not getattr(cfg, key):

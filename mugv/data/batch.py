@@ -21,6 +21,9 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
     planned        int                       samples the sampler planned for this batch
     stream_index   int                       position of this micro-batch in the global
                                              batch stream (see mugv.data.sampler)
+    paired         bool                      preference pairs: samples 2k and 2k + 1 are the
+                                             chosen and the rejected clip of one pair (same
+                                             caption and bucket; see mugv.data.pairs)
 
 `num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2).
 
@@ -57,6 +60,7 @@ class LatentBatch:
     skipped: list[str] = field(default_factory=list)
     planned: int = 0
     stream_index: int = -1
+    paired: bool = False
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -2,8 +2,10 @@
 
 Every row: files exist, shard headers parse, the keys are present with the manifest's shapes and
 float/bool dtypes, pixel size / frame count agree with the latent shape, ids are unique, tasks
-are known. On a deterministic sample of rows (value_samples; -1: every row) the tensors are
-loaded and checked for finite values. Release CSVs get the same checks through their .pt files.
+are known. A pairs dataset (dataset.json "pairs": true, or rows with a pair role): every pair has
+one chosen and one rejected clip of one bucket, task and caption (mugv.data.pairs). On a
+deterministic sample of rows (value_samples; -1: every row) the tensors are loaded and checked for
+finite values. Release CSVs get the same checks through their .pt files.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors import safe_open
 
 from mugv.data.buckets import num_tokens
 from mugv.data.config import TASKS
+from mugv.data.pairs import pair_problems
 from mugv.data.reader import TensorReader
 from mugv.data.store import SampleRecord, read_meta, read_records, read_text_null
 
@@ -31,6 +34,7 @@ class CheckReport:
     buckets: Counter = field(default_factory=Counter)
     tasks: Counter = field(default_factory=Counter)
     values_checked: int = 0
+    pairs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -45,6 +49,8 @@ class CheckReport:
             t, h, w = (int(v) for v in b.split("x"))
             lines.append(f"  bucket {b:>12s} ({8 * h}x{8 * w} px, {num_tokens(t, h, w)} tokens): {n}")
         lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(self.tasks.items())))
+        if self.pairs:
+            lines.append(f"  preference pairs: {self.pairs}")
         if self.ok:
             lines.append("OK")
         else:
@@ -109,6 +115,12 @@ def check_dataset(path: str, value_samples: int = 32, seed: int = 0) -> CheckRep
         report.problems.append(str(err))
         return report
     report.samples = len(records) + len(index_errors)
+    if any(r.role for r in records) or (os.path.isdir(path) and meta.get("pairs")):
+        pairs, problems = pair_problems(records)
+        report.pairs = len(pairs)
+        report.problems += problems
+        if os.path.isdir(path) and not meta.get("pairs"):
+            report.problems.append("rows have pair roles but dataset.json does not say \"pairs\": true")
     report.problems += [f"{sid}: {why}" for sid, why in index_errors]
     for sid, n in Counter(r.id for r in records).items():
         if n > 1:

@@ -7,6 +7,9 @@
     loader.load_state_dict(ckpt["data"]); it = iter(loader)   # continues exactly there
     loader.metrics()                   # {"data/bad_samples": ..., "data/bad_fraction": ...}
 
+A pairs dataset (`mugv prep --pairs`) is batched whole pairs at a time (mugv.data.pairs;
+`loader.paired`).
+
 Bad samples (see mugv.data.dataset) are counted here; past `max_bad_fraction` of the attempted
 samples (once `bad_grace_samples` were attempted) the run stops with BadDataError.
 
@@ -27,6 +30,7 @@ from mugv.data.batch import LatentBatch, PackedBatch
 from mugv.data.config import DataConfig
 from mugv.data.dataset import BadDataError, LatentDataset
 from mugv.data.packed_sampler import PackedBatchSampler
+from mugv.data.pairs import PairDataset, pair_config
 from mugv.data.sampler import BucketBatchSampler
 from mugv.data.shm_pool import Parcel, Receiver, new_flags
 from mugv.data.store import SampleRecord, read_records, read_text_null
@@ -69,8 +73,16 @@ class LatentLoader:
         the packed sampler only (data.packing), which plans whole steps balanced over DP."""
         self.cfg = cfg
         self.records, index_errors = load_all_records(cfg)
-        self.dataset = LatentDataset(self.records, cfg)
-        args = ([r.bucket for r in self.records], [r.task for r in self.records], cfg, dp_rank, dp_size)
+        self.paired = any(r.role for r in self.records)  # preference pairs (mugv.data.pairs)
+        if self.paired:
+            if cfg.packing:
+                raise ValueError(f"data.paths {cfg.paths}: a preference-pairs dataset is batched by bucket, whole "
+                                 "pairs at a time: set data.packing=false")
+            self.dataset = PairDataset(self.records, cfg)
+            units, unit_cfg = self.dataset.unit_records(), pair_config(cfg)
+        else:
+            self.dataset, units, unit_cfg = LatentDataset(self.records, cfg), self.records, cfg
+        args = ([r.bucket for r in units], [r.task for r in units], unit_cfg, dp_rank, dp_size)
         self.sampler = PackedBatchSampler(*args, microbatches, cost) if cfg.packing else BucketBatchSampler(*args)
         self.bad_samples = len(index_errors)
         self.attempted = len(index_errors)

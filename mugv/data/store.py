@@ -4,6 +4,7 @@ mugv dataset directory:
 
     dataset.json                      {"format": "mugv-latents", "version": 1, "latent_channels": 24,
                                        "text_dim": Ct, "prompts": {"null": "", "negative": "..."}}
+                                      (+ "pairs": true for preference pairs: mugv.data.pairs)
     text_null.safetensors             dataset-level text embeddings: "null.y" [L, Ct], "null.mask" [L],
                                       "negative.y", "negative.mask"
     shards/r00000-000003.safetensors  many samples each: "<id>.latent" [24, T, H, W],
@@ -69,6 +70,8 @@ class SampleRecord:
     caption: str = ""
     channels: int = 24
     release_source: str = ""  # release CSV rows: "real" or "generated"
+    pair: str = ""  # preference pairs (mugv.data.pairs): the pair's id ...
+    role: str = ""  # ... and this clip's role in it, "chosen" or "rejected"
 
     @property
     def bucket(self) -> str:
@@ -114,13 +117,14 @@ class DatasetWriter:
         self._bytes = 0
         self.done = finished_items(root)
 
-    def write_meta(self, latent_channels: int, text_dim: int, prompts: dict[str, str]) -> None:
+    def write_meta(self, latent_channels: int, text_dim: int, prompts: dict[str, str], pairs: bool = False) -> None:
         meta = {
             "format": FORMAT,
             "version": 1,
             "latent_channels": latent_channels,
             "text_dim": text_dim,
             "prompts": prompts,
+            **({"pairs": True} if pairs else {}),
         }
         _atomic_json(os.path.join(self.root, META), meta, self.rank)
 
@@ -283,6 +287,8 @@ def read_dataset_dir(root: str) -> list[SampleRecord]:
                     source=row.get("source", ""),
                     caption=row.get("caption", ""),
                     channels=int(row.get("channels", 24)),
+                    pair=row.get("pair", ""),
+                    role=row.get("role", ""),
                 )
             )
         except (KeyError, TypeError, ValueError) as err:

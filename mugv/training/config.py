@@ -124,6 +124,8 @@ class TrainSection:
     """Steps, batches, seeds and the stage hand-over."""
 
     steps: int = 100  # optimizer steps of this run (stage)
+    # "flow" (rectified flow) or "flow_dpo" (Flow-DPO on a pairs dataset against a frozen reference: dpo.*)
+    objective: str = "flow"
     microbatches: int = 1  # micro-batches per DP rank per step (gradient accumulation)
     seed: int = 1234  # model init, noise and text dropout
     text_dropout: float = 0.1  # per-sample probability of the null text (classifier-free guidance)
@@ -157,6 +159,15 @@ class LoRAConfig:
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         _check(bool(self.targets) and not unknown and len(set(self.targets)) == len(self.targets),
                f"lora.targets = {list(self.targets)} must be distinct names of {list(LORA_TARGETS)}")  # fmt: skip
+
+
+@dataclass
+class DPOConfig:
+    """Flow-DPO (train.objective=flow_dpo; mugv.training.dpo)."""
+
+    # inverse temperature of the preference loss -log sigmoid(-beta/2 (d(chosen) - d(rejected))), in
+    # units of the per-sample flow loss (a mean over latent elements)
+    beta: float = 500.0
 
 
 @dataclass
@@ -208,6 +219,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -228,6 +240,8 @@ class TrainConfig:
         self.data.validate()
         t = self.train
         _check(t.steps >= 1, f"train.steps = {t.steps} must be >= 1")
+        _check(t.objective in ("flow", "flow_dpo"), f"train.objective must be 'flow' or 'flow_dpo', got {t.objective!r}")
+        _check(self.dpo.beta > 0, f"dpo.beta = {self.dpo.beta} must be > 0")
         _check(t.microbatches >= 1, f"train.microbatches = {t.microbatches} must be >= 1")
         if self.parallel.vpp:
             _check(t.microbatches % self.parallel.pp == 0,

@@ -18,11 +18,16 @@ parallelism reduce over the DP group only; with pipeline parallelism record on t
 (where the loss is) and let reduce_fn bring that stage's sums to rank 0. lr, grad norm and skipped
 steps are the same on all ranks; data-wait and step times are rank 0's.
 
+Objective metrics: an objective's own per-unit values (e.g. Flow-DPO's reward accuracy and
+margin, `value_keys` given up front so every rank reduces the same vector) are recorded with
+`record_values({key: tensor [U]})` and logged as their means over all units of the window.
+
 Throughput: model FLOPs are those of the forward and backward pass of each sample at its own
 T/H/W and real text length (mask sum, at least 1), by
 `mugv.models.flops.mugdit_flops_per_sample(..., training=True)` (activation recompute and text
 padding are not counted), so TFLOP/s per device = FLOPs / wall time / world size, and
 MFU = that / the device's peak (logging.peak_tflops, else the GPU table; none on CPU).
+`flops_factor` scales them for objectives that do more per sample (Flow-DPO's reference forward).
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class MetricsLogger:
         device: torch.device | None = None,
         start_step: int = 0,
         run_config: dict | None = None,
+        value_keys: Sequence[str] = (),
+        flops_factor: float = 1.0,
     ):
         if cfg.interval < 1:
             raise ValueError(f"logging.interval must be >= 1, got {cfg.interval}")
@@ -100,7 +107,8 @@ class MetricsLogger:
         self._reduce = reduce_fn
         self._clock = clock
         self.device = device or _default_device()
-        self._flops = lru_cache(maxsize=4096)(_bind_flops(flops_fn, model_config))
+        self._flops = lru_cache(maxsize=4096)(_bind_flops(flops_fn, model_config, flops_factor))
+        self.value_keys = list(value_keys)
         self._log = get_logger("metrics")
         self._warned: set[str] = set()
         if reduce_fn is not None and not self.buckets:
@@ -147,6 +155,14 @@ class MetricsLogger:
         loss = None if losses is None else losses.detach().reshape(-1)
         self._parts.append(_LossPart(loss, list(tasks), bucket))
 
+    def record_values(self, values: dict[str, torch.Tensor]) -> None:
+        """An objective's per-unit values of one micro-batch, {key: [U]} (keys among value_keys)."""
+        unknown = sorted(set(values) - set(self.value_keys))
+        if unknown:
+            raise ValueError(f"MetricsLogger: unknown value keys {unknown}; known: {self.value_keys}")
+        for key, v in values.items():
+            self._values_parts.setdefault(key, []).append(v.detach().reshape(-1))
+
     def record_step(
         self, lr: float, grad_norm: float | None, skipped: bool = False, data_wait_s: float = 0.0
     ) -> None:
@@ -170,14 +186,19 @@ class MetricsLogger:
     def log(self, step: int) -> dict[str, float] | None:
         keys = self._loss_keys()
         counters = torch.tensor([self._window[k] for k in _COUNTERS], dtype=torch.float64)
-        vec = torch.cat([counters.to(self.device), self._loss_vector(keys)])  # [3 + 2K]
+        vec = torch.cat([counters.to(self.device), self._loss_vector(keys), self._values_vector()])  # [3 + 2K + 2V]
         if self._reduce is not None:
             vec = self._reduce(vec)
         vec = vec.cpu().tolist()
         now = self._clock()
         elapsed = max(now - self._window_start, 1e-9)
         steps = max(step - self._last_step, 1)
-        values = self._values(dict(zip(_COUNTERS, vec[:3], strict=True)), keys, vec[3:], elapsed, steps, step)
+        n = 3 + 2 * len(keys)
+        values = self._values(dict(zip(_COUNTERS, vec[:3], strict=True)), keys, vec[3:n], elapsed, steps, step)
+        v = len(self.value_keys)
+        for i, key in enumerate(self.value_keys):
+            if vec[n + v + i] > 0:  # count
+                values[key] = vec[n + i] / vec[n + v + i]
         self._last_step = step
         self._window_start = now
         self._reset_window()
@@ -239,6 +260,7 @@ class MetricsLogger:
             f"data wait {v['perf/data_wait_s_per_step']:.3f} s/step",
             f"step {v['perf/step_s']:.3f} s",
         ]
+        parts += [f"{key.split('/')[-1].replace('_', ' ')} {v[key]:.4f}" for key in self.value_keys if key in v]
         if v["optim/skipped_steps"]:
             parts.append(f"skipped {int(v['optim/skipped_steps'])}")
         parts.append(f"ETA {_duration(v['progress/eta_s'])}")
@@ -299,6 +321,7 @@ class MetricsLogger:
     def _reset_window(self) -> None:
         self._window = {k: 0.0 for k in _COUNTERS}
         self._parts: list[_LossPart] = []
+        self._values_parts: dict[str, list[torch.Tensor]] = {}
         self._lr = float("nan")
         self._steps = self._skipped = self._grad_norm_n = 0
         self._data_wait = self._grad_norm_sum = 0.0
@@ -332,6 +355,18 @@ class MetricsLogger:
             keep = i >= 0
             out[:k].index_add_(0, i[keep], values[keep])
             out[k:].index_add_(0, i[keep], ones[keep])
+        return out
+
+    def _values_vector(self) -> torch.Tensor:
+        """[2V] float64: finite value sums per value key, then their counts."""
+        v = len(self.value_keys)
+        out = torch.zeros(2 * v, dtype=torch.float64, device=self.device)
+        for i, key in enumerate(self.value_keys):
+            if self._values_parts.get(key):
+                x = torch.cat(self._values_parts[key]).to(self.device, torch.float64)
+                finite = torch.isfinite(x)
+                out[i] = x[finite].sum()
+                out[v + i] = finite.sum()
         return out
 
     def _max_memory_gib(self) -> float:
@@ -412,14 +447,14 @@ def frame_grid(video: torch.Tensor) -> torch.Tensor:
 
 
 def _bind_flops(
-    flops_fn: Callable[..., float] | None, config: MUGDiTConfig
+    flops_fn: Callable[..., float] | None, config: MUGDiTConfig, factor: float = 1.0
 ) -> Callable[[int, int, int, int], float]:
     if flops_fn is None:
         flops_fn = mugdit_flops_per_sample
 
     def per_sample(t: int, h: int, w: int, text_len: int) -> float:
         # an all-masked caption still costs one key token's worth of cross-attention work
-        return float(flops_fn(config, t, h, w, max(text_len, 1), training=True))
+        return factor * float(flops_fn(config, t, h, w, max(text_len, 1), training=True))
 
     return per_sample
 

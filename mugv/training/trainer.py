@@ -1,5 +1,6 @@
 """The training loop. Side concerns (checkpoints, EMA, metrics, signals) are objects; the model
-is met only through the forward-step function (mugv.training.step)."""
+is met only through the forward-step function (mugv.training.step) and the objective it calls
+(mugv.training.objective; with Flow-DPO also a reference model, mugv.training.reference)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from mugv.training.config import TrainConfig
 from mugv.training.ema import ShardedEMA
 from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
 from mugv.training.metrics import MetricsLogger, dp_sum
+from mugv.training.objective import make_objective
 from mugv.training.preview import Previewer
+from mugv.training.reference import make_reference
 from mugv.training.schedule import LRSchedule
 from mugv.training.step import DiTForwardStep
 from mugv.utils.logging import get_logger
@@ -47,8 +50,14 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size(),
                                  cfg.train.microbatches, sample_cost(self.dit, cfg.data.text_len))
-        self.forward_step = DiTForwardStep(cfg.train.seed, cfg.train.text_dropout, self.data.text_embeddings.get("null"),
-                                           cfg.train.shift_ratio)
+        self.objective = make_objective(cfg.train, cfg.dpo, self.data.text_embeddings.get("null"))
+        if self.data.paired != (self.objective.group == 2):
+            raise ValueError(f"data.paths {cfg.data.paths}: " + (
+                "a pairs dataset needs train.objective=flow_dpo" if self.data.paired else
+                f"train.objective={self.objective.name} needs a pairs dataset (mugv prep --pairs)"))
+        # the reference starts as the policy's initial weights (resume() loads train.init_from into it)
+        self.reference = make_reference(self.mcfg, self.model, self.dist.device) if self.objective.needs_reference else None
+        self.forward_step = DiTForwardStep(self.objective, self.reference)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
@@ -107,6 +116,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema = ShardedEMA(self.optimizer, self.cfg.ema.decay)
             log.info(f"initialised from {path} ({'EMA' if t.init_use_ema else 'raw'} weights)")
+        if self.reference is not None and self.cfg.train.init_from:  # the weights the run started from
+            self.reference.load(resolve(self.cfg.train.init_from), use_ema=self.cfg.train.init_use_ema)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -155,6 +166,7 @@ class Trainer:
             self.cfg.train.steps, buckets=sorted({r.bucket for r in self.data.records}),
             reduce_fn=dp_sum(None) if dist.is_initialized() else None, device=self.dist.device,
             start_step=self.step, run_config=to_dict(self.cfg),
+            value_keys=self.objective.metric_keys, flops_factor=self.objective.flops_factor,
         )
 
     def run(self) -> int:
@@ -179,6 +191,7 @@ class Trainer:
                         self.metrics.record_samples(r["per_sample"][k : k + len(p)], p.tasks, p.bucket,
                                                     tuple(p.latents.shape[2:]), p.mask.sum(1).tolist())
                         k += len(p)
+                    self.metrics.record_values(r["values"])
             self.step += 1
             self.history.append(out["loss"])
             self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
