@@ -89,27 +89,20 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
     return out
 
 
-def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, batch, target, microbatches=None):
-    """microbatches: explicit list of (batch, target) micro-batches (DP = 1), e.g. of different
-    shapes; default: `batch` split over DP ranks and layout.microbatches."""
+def build_parallel(layout: Layout, dit_kwargs: dict, release_sd, variable_seq_lengths: bool = False):
+    """(megatron config, DDP chunks, optimizer) of the release weights at `layout` on this rank."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
     from mugv.models import MUGDiTConfig
-    from mugv.models.megatron import (
-        build_model_chunks,
-        get_layer_spec,
-        megatron_config,
-    )
+    from mugv.models.megatron import build_model_chunks, get_layer_spec, megatron_config
     from mugv.models.megatron.config import grad_accumulation_fusion_available
     from mugv.models.megatron.lora import LoRASettings, prepare_lora
     from mugv.models.megatron.weight_map import release_to_chunk
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
-    from mugv.training.step import per_sample_loss, sample_mean_loss
 
     init_distributed(tp=layout.tp, pp=layout.pp, cp=layout.cp, vpp=layout.vpp)
     dit = MUGDiTConfig(**dit_kwargs)
@@ -123,7 +116,7 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         cp_attention=layout.cp_attention,
         pipeline_dtype=torch.float32,
         recompute_granularity=layout.recompute,
-        variable_seq_lengths=microbatches is not None,
+        variable_seq_lengths=variable_seq_lengths,
         bf16=layout.bf16,
         params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
         gradient_accumulation_fusion=grad_accumulation_fusion_available(),  # as mugv.training.build
@@ -156,6 +149,19 @@ def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, bat
         ),
         model,
     )
+    return cfg, model, opt
+
+
+def parity_worker(rank, world, layout: Layout, dit_kwargs: dict, release_sd, batch, target, microbatches=None):
+    """microbatches: explicit list of (batch, target) micro-batches (DP = 1), e.g. of different
+    shapes; default: `batch` split over DP ranks and layout.microbatches."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mugv.training.step import per_sample_loss, sample_mean_loss
+
+    cfg, model, opt = build_parallel(layout, dit_kwargs, release_sd, microbatches is not None)
+    dit = cfg.dit
     for m in model:
         m.zero_grad_buffer()
     opt.zero_grad()

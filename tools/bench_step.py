@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mugv.training.config import ModelConfig, TrainConfig
     from mugv.training.guards import NonFiniteGuard
-    from mugv.training.schedule import LRSchedule
     from mugv.training.objective import FlowObjective
+    from mugv.training.schedule import LRSchedule
     from mugv.training.step import DiTForwardStep
     from mugv.training.trainer import Trainer
 

@@ -134,9 +134,9 @@ def train(preset: str, sizes: list[tuple[int, int, int]], dev, cpu: bool) -> Non
     from mugv.training.build import build_megatron_config, build_model, build_optimizer
     from mugv.training.config import ModelConfig, TrainConfig
     from mugv.training.guards import NonFiniteGuard
+    from mugv.training.objective import FlowObjective
     from mugv.training.plan import activation_bytes
     from mugv.training.schedule import LRSchedule
-    from mugv.training.objective import FlowObjective
     from mugv.training.step import DiTForwardStep
     from mugv.training.trainer import Trainer
 
