@@ -38,7 +38,7 @@ def test_configs_present():
         "curriculum/mugv_10b.yaml",
     }
     assert expected <= names
-    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 6
+    assert len(glob.glob(f"{CONFIGS}/stages/10b_*.yaml")) == 7
 
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: os.path.relpath(p, CONFIGS))
@@ -67,6 +67,7 @@ def test_10b_stages_fit_80gb_with_their_recommended_layouts(tmp_path):
         "d_video720p",
         "e_anneal",
         "f_sft",
+        "g_dpo",
     ]
     for s in stages:
         p, dit = s.cfg.parallel, s.cfg.model.build()

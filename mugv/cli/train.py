@@ -52,9 +52,18 @@ def run(args) -> int:
 
 
 def check_data_paths(cfg, config: str) -> None:
-    """Every data.paths entry exists here (before any process starts)."""
+    """Every data.paths entry exists here, and is a pairs dataset exactly when the objective is
+    Flow-DPO (before any process starts)."""
     from mugv.config import ConfigError
+    from mugv.data.store import read_meta
 
     missing = [p for p in cfg.data.paths if not os.path.exists(p)]
     if missing:
         raise ConfigError(f"{config}: data.paths: {missing[0]} does not exist")
+    dpo = cfg.train.objective == "flow_dpo"
+    for path in cfg.data.paths:
+        pairs = os.path.isdir(path) and bool(read_meta(path).get("pairs"))
+        if pairs != dpo:
+            raise ConfigError(f"{config}: data.paths: {path} " + (
+                "is a preference-pairs dataset: it needs train.objective=flow_dpo" if pairs else
+                "is not a preference-pairs dataset (mugv prep --pairs), which train.objective=flow_dpo needs"))

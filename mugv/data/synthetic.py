@@ -66,11 +66,12 @@ def write_synthetic_pairs(
     channels: int = 24,
     offset: float = 1.0,
     seed: int = 0,
+    direction_seed: int = 0,
 ) -> list[str]:
     """A preference-pairs dataset (mugv.data.pairs): `count` pairs of each latent shape (T, H, W).
     Pair k shares z = randn(seed, k) and a caption; its chosen clip is z + offset * u, its rejected
-    clip z - offset * u, for one fixed random direction u: chosen and rejected differ
-    systematically. Returns the pair ids."""
+    clip z - offset * u, for one random direction u per shape (drawn from direction_seed, so two
+    datasets of other seeds share it): chosen and rejected differ systematically. Returns the pair ids."""
     g = torch.Generator().manual_seed(seed)
     writer = DatasetWriter(root, shard_bytes=1 << 20)
     writer.write_meta(channels, text_dim, {"null": "", "negative": ""}, pairs=True)
@@ -78,7 +79,7 @@ def write_synthetic_pairs(
                                   "negative": (torch.zeros(1, text_dim), torch.ones(1, dtype=torch.bool))})
     ids, k = [], 0
     for (t, h, w), count in shapes.items():
-        u = torch.randn(channels, t, h, w, generator=torch.Generator().manual_seed(seed + 7919))
+        u = torch.randn(channels, t, h, w, generator=torch.Generator().manual_seed(direction_seed))
         for _ in range(count):
             pid = f"p{k:06d}"
             z = torch.randn(channels, t, h, w, generator=g)

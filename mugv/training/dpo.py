@@ -40,6 +40,20 @@ from mugv.training.objective import FlowObjective, ObjectiveLoss
 METRICS = ("dpo/reward_accuracy", "dpo/reward_margin", "dpo/flow_loss_chosen", "dpo/flow_loss_rejected")
 
 
+def reward_accuracy(z: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if the implicit reward prefers the chosen clip (z > 0), 0 if the rejected one,
+    one half on a tie (as at the start, where the policy is the reference)."""
+    return (z > 0).float() + 0.5 * (z == 0).float()
+
+
+@torch.no_grad()
+def reward_margins(policy, reference, batch: LatentBatch, objective: FlowDPOObjective) -> torch.Tensor:
+    """z [P] of one paired batch for single-device models (e.g. mugv.models.MUGDiT): what held-out
+    reward accuracy is measured with (reward_accuracy(z).mean())."""
+    inputs, target = objective.noised_inputs(batch)
+    return objective.loss(policy(**inputs), target, batch, reference(**inputs)).values["dpo/reward_margin"]
+
+
 def flow_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair Flow-DPO loss and reward margin z from per-sample flow errors [2P] (chosen at even,
     rejected at odd positions) of the policy and of the reference (no gradient)."""
@@ -78,7 +92,7 @@ class FlowDPOObjective(FlowObjective):
         z = z.detach()
         err = err.detach()
         values = {
-            "dpo/reward_accuracy": (z > 0).float() + 0.5 * (z == 0).float(),
+            "dpo/reward_accuracy": reward_accuracy(z),
             "dpo/reward_margin": z,
             "dpo/flow_loss_chosen": err[0::2],
             "dpo/flow_loss_rejected": err[1::2],

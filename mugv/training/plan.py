@@ -8,7 +8,11 @@ its layers share (RoPE angles, text, modulation), the final layer and loss, one 
 without recompute as the backward working set (plus, under `full`, the layer being recomputed),
 times the micro-batches a 1F1B pipeline keeps in flight on its first stage. A packed micro-batch
 (data.packing) holds at most token_budget tokens like a bucketed one, but up to max_batch_size
-samples: their text tokens and per-frame rows are counted at that cap.
+samples: their text tokens and per-frame rows are counted at that cap. Flow-DPO
+(train.objective=flow_dpo) adds the frozen reference copy's weights (mugv.training.reference; with
+LoRA the reference is the base with its adapters off: nothing); its forward runs without
+gradients, so it keeps no activations, and a micro-batch of pairs holds both clips of each pair
+within data.token_budget.
 
 With LoRA (lora.rank > 0) gradients, optimizer state and EMA cover the adapters only (the base is
 held in the training dtype, frozen); the line "LoRA ..." prints what full-parameter training would
@@ -119,6 +123,13 @@ def activation_bytes(cfg: TrainConfig, dit: MUGDiTConfig, with_lora: bool = True
     return (kept + shared + final) * in_flight + working
 
 
+def reference_bytes(cfg: TrainConfig, weights: float) -> float:
+    """Bytes of the Flow-DPO reference model per device: a frozen copy of this device's weights at
+    the same layout and dtype (no gradients, optimizer state or EMA); 0 without DPO, and 0 with
+    LoRA (the reference is the same network with its adapters off)."""
+    return weights if cfg.train.objective == "flow_dpo" and not cfg.lora.rank else 0.0
+
+
 def flops_summary(cfg: TrainConfig, dit: MUGDiTConfig) -> tuple[float, float]:
     """(recompute FLOPs as a fraction of the model FLOPs, MFU ceiling): the ceiling counts the
     recomputed forward passes and the attention kernel's head-dim padding as spent, not useful."""
@@ -156,6 +167,7 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
                              n * 4 / shard if cfg.ema.decay > 0 else 0)  # EMA
     weights = (per_device + adapters) * w_bytes
     grads, optim, ema = per_trained(trained)
+    ref = reference_bytes(cfg, per_device * w_bytes)
     act = activation_bytes(cfg, dit)
     overhead, ceiling = flops_summary(cfg, dit)
     D = dit.head_dim
@@ -170,8 +182,11 @@ def describe(cfg: TrainConfig, world_size: int | None = None, tokens: int | None
         + (f" ({n_full} of {L // (p.pp * (p.vpp or 1))} layers per chunk full)" if n_full else ""),
         f"parameters per device (heaviest stage): {per_device:,}",
         f"memory estimate per device: weights {weights / GiB:.1f} GiB, grads {grads / GiB:.1f} GiB, "
-        f"optimizer {optim / GiB:.1f} GiB, EMA {ema / GiB:.1f} GiB, activations ~{act / GiB:.1f} GiB "
-        f"({cfg.data.token_budget} tokens/micro-batch) -> total ~{(weights + grads + optim + ema + act) / GiB:.1f} GiB",
+        f"optimizer {optim / GiB:.1f} GiB, EMA {ema / GiB:.1f} GiB, "
+        + (f"DPO reference ({'adapters off' if cfg.lora.rank else 'frozen copy'}) {ref / GiB:.1f} GiB, "
+           if cfg.train.objective == "flow_dpo" else "")
+        + f"activations ~{act / GiB:.1f} GiB ({cfg.data.token_budget} tokens/micro-batch) -> total "
+        f"~{(weights + grads + optim + ema + ref + act) / GiB:.1f} GiB",
         f"recompute FLOPs overhead {overhead:.1%} of model FLOPs; MFU ceiling {ceiling:.1%} "
         f"(recompute and head dim {D} padded to {attention_kernel_head_dim(D)} by the attention kernel "
         f"counted as spent; sample {'x'.join(map(str, stage_sample(cfg)))})",
