@@ -157,3 +157,28 @@ def test_dpo_step_matches_single_process(layout, dpo_problem):
             assert rel(r["params"][k], ref_params[k]) <= 1e-4, f"param {k}: rel err {rel(r['params'][k], ref_params[k]):.2e}"
             keys.add(k)
     assert seen >= len(batches) and keys == set(ref_grads), sorted(set(ref_grads) ^ keys)[:5]
+
+
+def reference_bytes_worker(rank, world, layout: Layout, dit_kwargs, sd):
+    from mugv.training.reference import FrozenCopy
+
+    cfg, model, _ = build_parallel(layout, dit_kwargs, sd)
+    ref = FrozenCopy(cfg, model, torch.device("cpu"))
+    policy = sum(p.numel() * p.element_size() for m in model for p in m.parameters())
+    return ref.param_bytes, policy
+
+
+def test_reference_is_sharded_like_the_policy(dpo_problem):
+    """Per rank, the frozen copy holds exactly the policy's weight bytes at TP 1, 2, 4 and PP 2:
+    the TP-split tensors shrink as 1/TP (the replicated ones, embedders and norms, do not)."""
+    kwargs, sd = dpo_problem[0], dpo_problem[1]
+    per_rank = {}
+    for name, layout in {"tp1": Layout(), "tp2": Layout(tp=2), "tp4": Layout(tp=4), "pp2": Layout(pp=2)}.items():
+        results = run_distributed(reference_bytes_worker, layout.world, layout, kwargs, sd, timeout=240)
+        assert all(ref == policy for ref, policy in results), (name, results)
+        per_rank[name] = max(ref for ref, _ in results)
+    # bytes per rank = R + S / tp (R replicated, S split): R and S from TP 1 and 2 predict TP 4
+    replicated = 2 * per_rank["tp2"] - per_rank["tp1"]
+    split = per_rank["tp1"] - replicated
+    assert per_rank["tp4"] == replicated + split // 4 and 0 < replicated < split / 2, per_rank
+    assert per_rank["pp2"] < 0.65 * per_rank["tp1"], per_rank  # a stage holds half the layers

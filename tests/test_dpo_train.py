@@ -21,11 +21,16 @@ def dpo_worker(rank, world, ovr):
                 logged=[v for v in trainer.logged if v])
 
 
+@torch.no_grad()
 def heldout_accuracy(policy_sd, reference_sd, heldout, draws=4):
+    """Share of held-out pairs (x noise draws) where the policy lowered its flow error relative to
+    the reference more on the chosen clip than on the rejected one (ties 1/2); computed here from
+    flow_loss, not from the objective's own margin, so a sign error in the loss shows."""
     from mugv.data import DataConfig, LatentLoader
+    from mugv.diffusion import flow_loss
     from mugv.models import MUGDiT
     from mugv.training.config import ModelConfig
-    from mugv.training.dpo import FlowDPOObjective, reward_accuracy, reward_margins
+    from mugv.training.dpo import FlowDPOObjective
 
     models = []
     for sd in (policy_sd, reference_sd):
@@ -35,8 +40,12 @@ def heldout_accuracy(policy_sd, reference_sd, heldout, draws=4):
     loader = LatentLoader(DataConfig(paths=[heldout], num_workers=0, token_budget=10000))
     batch = next(iter(loader))
     assert len(batch) == 32  # all 16 held-out pairs
-    acc = [reward_accuracy(reward_margins(*models, batch, FlowDPOObjective(100 + k, 0.0, None, beta=100.0)))
-           for k in range(draws)]
+    acc = []
+    for k in range(draws):
+        inputs, target = FlowDPOObjective(100 + k, 0.0, None).noised_inputs(batch)  # per-pair draws
+        policy, reference = (flow_loss(m(**inputs), target, batch.x_mask) for m in models)
+        d = policy - reference  # [2P]
+        acc.append((d[0::2] < d[1::2]).float() + 0.5 * (d[0::2] == d[1::2]).float())
     return float(torch.cat(acc).mean())
 
 

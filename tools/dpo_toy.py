@@ -1,6 +1,6 @@
 """Flow-DPO on a toy preference, end to end on a CPU: does DPO learn what the pairs prefer?
 
-    python tools/dpo_toy.py --out runs/dpo_toy        # ~10 min on 2 busy cores; prints the numbers
+    python tools/dpo_toy.py --out runs/dpo_toy        # prints the numbers; rerun to resume
 
 1. data     the demo's moving shapes (mugv.demo.shapes), captioned WITHOUT their colour ("a circle
             moving right on a black background"), in the demo's four colours; the demo's PCA
@@ -50,6 +50,9 @@ def write_media(out: str, n_sft: int, n_pairs: int, n_heldout: int, seed: int) -
     from mugv.demo.shapes import COLOURS, JITTER_O, JITTER_R, random_clips, render
     from mugv.utils.video import write_video
 
+    done = {name: os.path.join(out, f"{name}.csv") for name in ("sft", "pairs", "heldout")}
+    if all(os.path.exists(f) for f in done.values()):  # a rerun
+        return done
     os.makedirs(os.path.join(out, "clips"), exist_ok=True)
     specs = random_clips(n_sft + n_pairs + n_heldout, seed, JITTER_R, JITTER_O)
     others = [c for c in COLOURS if c != CHOSEN]
@@ -90,10 +93,13 @@ def prep(out: str, files: dict[str, str], seed: int) -> dict[str, str]:
     from mugv.vae.pca import PCAAutoencoder
 
     data = DemoDataConfig(frames=FRAMES, size=SIZE, fps=FPS, seed=seed)
-    clips, _ = load_prep_pixels(files["sft"], data)
-    ae = PCAAutoencoder.fit(clips, seed=seed)
-    paths = {"ae": ae.save(os.path.join(out, "ae", "pca_ae.safetensors")),
-             "t5": make_tiny_t5(os.path.join(out, "t5"), d_model=data.t5_dim, seed=seed)}
+    ae_path = os.path.join(out, "ae", "pca_ae.safetensors")
+    if os.path.exists(ae_path):  # a rerun: the datasets were encoded with this one
+        ae = PCAAutoencoder.load(ae_path)
+    else:
+        ae = PCAAutoencoder.fit(load_prep_pixels(files["sft"], data)[0], seed=seed)
+        ae.save(ae_path)
+    paths = {"ae": ae_path, "t5": make_tiny_t5(os.path.join(out, "t5"), d_model=data.t5_dim, seed=seed)}
     text = T5TextEncoder(paths["t5"], max_length=data.text_length, device="cpu")
     buckets = BucketTableConfig(sizes=[f"{SIZE}x{SIZE}"], num_frames=[FRAMES])
     for name, file in files.items():
@@ -111,19 +117,23 @@ def _train(rank, world, overrides: list[str]):
     from mugv.config import load_config
     from mugv.training.config import TrainConfig
     from mugv.training.trainer import Trainer
+    from mugv.utils.logging import configure_logging
 
+    configure_logging()  # the metric lines of the run
     trainer = Trainer(load_config(TrainConfig, None, overrides))
     trainer.run()
     return [v for v in trainer.logged if v]
 
 
 def train(run_dir: str, data: str, steps: int, *extra: str) -> list[dict]:
+    """One stage in one spawned gloo process; its logged metrics. A rerun of a finished stage loads
+    its last checkpoint and logs nothing."""
     from mugv.parallel.launch import spawn
 
     overrides = [
         f"run_dir={run_dir}", f"data.paths=[{data}]", "data.num_workers=0", "data.text_len=64",
         "data.token_budget=1100", f"train.steps={steps}", "train.shift_ratio=1.0", "logging.tensorboard=false",
-        "logging.interval=10", "checkpoint.interval=0", *MODEL, *extra,
+        "logging.interval=50", "checkpoint.interval=0", *MODEL, *extra,
     ]
     return spawn(_train, 1, overrides, threads=torch.get_num_threads())[0]
 
@@ -188,15 +198,17 @@ def main() -> int:
     sft_dir, dpo_dir = os.path.join(args.out, "sft"), os.path.join(args.out, "dpo")
     t0 = time.monotonic()
     logs = train(sft_dir, paths["sft"], args.sft_steps, "optim.lr=1e-3", "ema.decay=0.99", "train.text_dropout=0.1")
-    print(f"sft: {args.sft_steps} steps, flow loss {logs[0]['loss/all']:.3f} -> {logs[-1]['loss/all']:.3f} "
-          f"({time.monotonic() - t0:.0f} s)", flush=True)
+    if logs:
+        print(f"sft: {args.sft_steps} steps, flow loss {logs[0]['loss/all']:.3f} -> {logs[-1]['loss/all']:.3f} "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
     t0 = time.monotonic()
     logs = train(dpo_dir, paths["pairs"], args.dpo_steps, "train.objective=flow_dpo", f"dpo.beta={args.beta}",
                  f"optim.lr={args.dpo_lr}", f"train.init_from={sft_dir}", "train.init_use_ema=true", "ema.decay=0",
                  "train.text_dropout=0")
-    print(f"dpo: {args.dpo_steps} steps, loss {logs[0]['loss/all']:.3f} -> {logs[-1]['loss/all']:.3f}, training "
-          f"reward accuracy {logs[0]['dpo/reward_accuracy']:.3f} -> {logs[-1]['dpo/reward_accuracy']:.3f} "
-          f"({time.monotonic() - t0:.0f} s)", flush=True)
+    if logs:
+        print(f"dpo: {args.dpo_steps} steps, loss {logs[0]['loss/all']:.3f} -> {logs[-1]['loss/all']:.3f}, training "
+              f"reward accuracy {logs[0]['dpo/reward_accuracy']:.3f} -> {logs[-1]['dpo/reward_accuracy']:.3f} "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
 
     sft = load_model(sft_dir, ema=True)  # the reference: the weights DPO started from
     dpo = load_model(dpo_dir)
