@@ -182,3 +182,42 @@ def test_reference_is_sharded_like_the_policy(dpo_problem):
     split = per_rank["tp1"] - replicated
     assert per_rank["tp4"] == replicated + split // 4 and 0 < replicated < split / 2, per_rank
     assert per_rank["pp2"] < 0.65 * per_rank["tp1"], per_rank  # a stage holds half the layers
+
+
+def test_lora_policy_gets_the_adapters_off_reference(monkeypatch):
+    """With a LoRA policy (mugv.models.megatron.lora's has_lora), the reference is the policy itself
+    run under adapters_disabled and no_grad: no second copy, no parameters. A stub stands in for
+    the LoRA module here (this branch has none; the import is guarded)."""
+    import contextlib
+    import types
+
+    from mugv.training import reference as ref_mod
+
+    class Chunk(torch.nn.Module):
+        pre_process, post_process, vp_stage, adapters = True, True, None, True
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def set_input_tensor(self, t):
+            self.input_tensor = t
+
+        def forward(self, x):
+            return x * self.w * (2.0 if self.adapters else 1.0)
+
+    @contextlib.contextmanager
+    def adapters_disabled(chunk):
+        chunk.adapters = False
+        try:
+            yield
+        finally:
+            chunk.adapters = True
+
+    lora = types.SimpleNamespace(has_lora=lambda m: True, adapters_disabled=adapters_disabled)
+    monkeypatch.setattr(ref_mod, "_lora", lambda: lora)
+    chunk = Chunk()
+    ref = ref_mod.make_reference(None, [chunk], torch.device("cpu"))
+    assert isinstance(ref, ref_mod.AdaptersOff) and ref.param_bytes == 0
+    out = ref.forward(chunk, {"x": torch.ones(3)}, None)
+    assert torch.equal(out, torch.ones(3)) and not out.requires_grad and chunk.adapters
