@@ -1,6 +1,7 @@
-"""Flow-DPO: the loss's sign and scale, per-pair draws, and one training step at TP2+SP, PP2 (the
-reference run through the pipeline) and DP2 against a single process with the same weights:
-the per-pair losses, every gradient and every parameter after one Adam step."""
+"""Flow-DPO: the loss's sign and scale, per-pair draws, and one training step at TP2+SP, PP2 and
+VPP 2x2 (the reference run through the pipeline) and DP2 against a single process with the same
+weights: the per-pair losses, every gradient and every parameter after one Adam step; the
+reference's memory per rank; the LoRA reference's wiring."""
 
 import copy
 import dataclasses
@@ -138,8 +139,9 @@ def dpo_problem():
     return dict(TINY, depth=4, num_heads=4), sd, ref_sd, batches, (terms, errs), grads, params
 
 
-@pytest.mark.parametrize("layout", [Layout(tp=2, sp=True, microbatches=2), Layout(pp=2, microbatches=2), Layout(dp=2)],
-                         ids=["tp2_sp", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", [Layout(tp=2, sp=True, microbatches=2), Layout(pp=2, microbatches=2),
+                                    Layout(pp=2, vpp=2, microbatches=2), Layout(dp=2)],
+                         ids=["tp2_sp", "pp2", "vpp2x2", "dp2"])
 def test_dpo_step_matches_single_process(layout, dpo_problem):
     kwargs, sd, ref_sd, batches, (ref_terms, ref_errs), ref_grads, ref_params = dpo_problem
     results = run_distributed(dpo_worker, layout.world, layout, kwargs, sd, ref_sd, batches, timeout=240)

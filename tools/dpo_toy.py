@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHOSEN = "red"
 SIZE, FRAMES, FPS = 64, 9, 8.0
-MODEL = ("model.preset=mugdit_tiny", "model.hidden_size=96", "model.depth=3", "model.num_heads=2")
+MODEL = ("model.preset=mugdit_tiny", "model.hidden_size=96", "model.depth=2", "model.num_heads=2")
 
 
 def colourless(spec) -> str:
@@ -126,14 +126,14 @@ def _train(rank, world, overrides: list[str]):
 
 
 def train(run_dir: str, data: str, steps: int, *extra: str) -> list[dict]:
-    """One stage in one spawned gloo process; its logged metrics. A rerun of a finished stage loads
-    its last checkpoint and logs nothing."""
+    """One stage in one spawned gloo process (16 clips = 8 pairs a step); its logged metrics. A rerun
+    resumes from the stage's last checkpoint (a finished stage logs nothing)."""
     from mugv.parallel.launch import spawn
 
     overrides = [
         f"run_dir={run_dir}", f"data.paths=[{data}]", "data.num_workers=0", "data.text_len=64",
-        "data.token_budget=1100", f"train.steps={steps}", "train.shift_ratio=1.0", "logging.tensorboard=false",
-        "logging.interval=50", "checkpoint.interval=0", *MODEL, *extra,
+        "data.token_budget=550", f"train.steps={steps}", "train.shift_ratio=1.0", "logging.tensorboard=false",
+        "logging.interval=50", "checkpoint.interval=100", "checkpoint.keep_last=1", *MODEL, *extra,
     ]
     return spawn(_train, 1, overrides, threads=torch.get_num_threads())[0]
 
@@ -180,7 +180,7 @@ def main() -> int:
     p.add_argument("--sft-clips", type=int, default=256)
     p.add_argument("--pairs", type=int, default=128)
     p.add_argument("--heldout", type=int, default=64)
-    p.add_argument("--sft-steps", type=int, default=500)
+    p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--dpo-steps", type=int, default=100)
     p.add_argument("--beta", type=float, default=500.0)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
@@ -204,7 +204,7 @@ def main() -> int:
     t0 = time.monotonic()
     logs = train(dpo_dir, paths["pairs"], args.dpo_steps, "train.objective=flow_dpo", f"dpo.beta={args.beta}",
                  f"optim.lr={args.dpo_lr}", f"train.init_from={sft_dir}", "train.init_use_ema=true", "ema.decay=0",
-                 "train.text_dropout=0")
+                 "train.text_dropout=0", "logging.interval=10")
     if logs:
         print(f"dpo: {args.dpo_steps} steps, loss {logs[0]['loss/all']:.3f} -> {logs[-1]['loss/all']:.3f}, training "
               f"reward accuracy {logs[0]['dpo/reward_accuracy']:.3f} -> {logs[-1]['dpo/reward_accuracy']:.3f} "
