@@ -148,10 +148,12 @@ def test_composed_stage_files_resolve_as_the_flat_files_did():
     with open(os.path.join(REPO, "tests", "data", "stages_resolved.json")) as f:
         want = json.load(f)
     stages = sorted(glob.glob(f"{CONFIGS}/stages/*.yaml"))
-    assert {os.path.basename(p) for p in stages} == set(want)
+    assert set(want) <= {os.path.basename(p) for p in stages}  # stages added since are composed too
     for path in stages:
         with open(path) as f:
             assert f.read().count("\nbase: ") == 1, path  # composed, not repeated
+        if os.path.basename(path) not in want:
+            continue
         got = json.loads(json.dumps(to_dict(load_config(TrainConfig, path, validate=False))))
         default = json.loads(json.dumps(to_dict(TrainConfig())))
         # keys added to the schema since the snapshot are not set by the files: they keep their defaults
