@@ -206,9 +206,12 @@ class _Records(logging.Handler):
 def log_lines():
     handler = _Records()
     logger = logging.getLogger("mugv")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as the CLI configures it (the tests also pass alone)
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def _fake_flops(config, t, h, w, text_len, training):
@@ -295,6 +298,29 @@ def test_metrics_cpu_without_peak_and_other_ranks(tmp_path, log_lines):
     assert other.maybe_log(2) is None and calls == [1] and len(log_lines) == n  # reduces, stays quiet
     with pytest.raises(ValueError, match="unknown tasks"):
         other.record_samples(torch.tensor([1.0]), ["v2v"], "1x2x2", (1, 2, 2), [2])
+
+
+def test_objective_values_are_reduced_means(tmp_path, log_lines):
+    """Flow-DPO's per-pair values: summed with their counts over DP (here a replica that saw other
+    pairs), logged as means, also on the console; a stage that records none still reduces; the
+    FLOPs carry the objective's factor (the reference forward)."""
+    keys = ("dpo/reward_accuracy", "dpo/reward_margin")
+    def add_other(t):  # another replica saw 1 pair (accuracy 1, margin 2): 3 counters, 2 x 7 loss keys
+        return t + torch.cat([torch.zeros(3 + 14), torch.tensor([1.0, 2.0, 1.0, 1.0])]).to(t)  # then sums, counts
+
+    m = _logger(tmp_path, lambda: 0.0, reduce_fn=add_other, buckets=["1x4x6", "2x4x6", "3x4x6"],
+                value_keys=keys, flops_factor=4 / 3)
+    m.record_samples(torch.tensor([0.5, 0.5, 0.1, 0.1]), ["t2v"] * 4, "2x4x6", (2, 4, 6), [3, 3, 3, 3])
+    m.record_values({"dpo/reward_accuracy": torch.tensor([1.0, 0.0]), "dpo/reward_margin": torch.tensor([1.0, -3.0])})
+    m.record_step(lr=1e-4, grad_norm=1.0)
+    v = m.log(2)
+    assert v["dpo/reward_accuracy"] == pytest.approx(2 / 3) and v["dpo/reward_margin"] == pytest.approx(0.0)
+    assert v["perf/model_tflop_per_step"] == pytest.approx(4 * 3 * 4 / 3 / 2)  # 4 samples x 3 TFLOP x 4/3 / 2 steps
+    assert "reward accuracy 0.6667" in log_lines[-1] and "reward margin 0.0000" in log_lines[-1]
+    with pytest.raises(ValueError, match="unknown value keys"):
+        m.record_values({"dpo/typo": torch.tensor([1.0])})
+    quiet = _logger(tmp_path, lambda: 0.0, rank=1, value_keys=keys, reduce_fn=lambda t: t)
+    assert quiet.log(2) is None  # a non-last pipeline stage: zeros of the same length, no error
 
 
 def test_record_batch_uses_real_text_lengths(tmp_path):
