@@ -19,7 +19,7 @@ from mugv.config.schema import describe_keys
 from mugv.data.config import DataConfig
 from mugv.models import MUGDiTConfig
 from mugv.training.config import TrainConfig
-from mugv.training.curriculum import resolve_stages
+from mugv.training.curriculum import load_curriculum, resolve_stages
 from mugv.training.plan import describe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,12 @@ def test_train_config_loads(path):
 def test_curriculum_loads_every_stage(path, tmp_path):
     stages = resolve_stages(path, str(tmp_path), DATA)
     assert len(stages) >= 2
-    for prev, stage in zip(stages, stages[1:], strict=False):
-        assert stage.cfg.train.init_from == prev.cfg.run_dir == os.path.join(str(tmp_path), prev.name)
+    entries = load_curriculum(path).stages
+    for prev, stage, entry in zip(stages, stages[1:], entries[1:], strict=False):
+        if entry.init == "previous":
+            assert stage.cfg.train.init_from == prev.cfg.run_dir == os.path.join(str(tmp_path), prev.name)
+        else:  # a checkpoint path (the 10B's DPO stage starts from merged LoRA-SFT weights)
+            assert stage.cfg.train.init_from == entry.init != "none"
     assert stages[0].cfg.train.init_from == ""
 
 

@@ -1,7 +1,8 @@
 """Flow-DPO: the loss's sign and scale, per-pair draws, and one training step at TP2+SP, PP2 and
 VPP 2x2 (the reference run through the pipeline) and DP2 against a single process with the same
-weights: the per-pair losses, every gradient and every parameter after one Adam step; the
-reference's memory per rank; the LoRA reference's wiring."""
+weights: the per-pair losses, every gradient and every parameter after one Adam step; the same
+with LoRA (the reference is the policy with its adapters off) at TP2+SP and PP2; the frozen
+reference's memory per rank."""
 
 import copy
 import dataclasses
@@ -19,6 +20,7 @@ from tests.megatron_parity import ADAM, Layout, build_parallel, to_release
 
 BETA = 5.0
 SEED = 3
+LORA = dict(rank=4, alpha=0.16)
 
 
 def rel(a, b):
@@ -74,15 +76,19 @@ def dpo_worker(rank, world, layout: Layout, dit_kwargs, sd, ref_sd, batches):
     from mugv.checkpoint.keys import unwrap
     from mugv.models.megatron import padded_sequence_length
     from mugv.models.megatron.weight_map import release_to_chunk
-    from mugv.training.reference import FrozenCopy
+    from mugv.training.reference import AdaptersOff, FrozenCopy, make_reference
     from mugv.training.step import DiTForwardStep
 
     cfg, model, opt = build_parallel(layout, dit_kwargs, sd, variable_seq_lengths=layout.pp > 1)
-    reference = FrozenCopy(cfg, model, torch.device("cpu"))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for c in reference.chunks:
-        unwrap(c).load_state_dict(release_to_chunk(ref_sd, unwrap(c), tp_rank, layout.tp, cfg.dit.num_heads))
-    assert all(not p.requires_grad for c in reference.chunks for p in c.parameters())
+    reference = make_reference(cfg, model, torch.device("cpu"))
+    if layout.lora:  # the policy with its adapters off: no parameters of its own
+        assert isinstance(reference, AdaptersOff) and reference.param_bytes == 0
+    else:
+        assert isinstance(reference, FrozenCopy)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        for c in reference.chunks:
+            unwrap(c).load_state_dict(release_to_chunk(ref_sd, unwrap(c), tp_rank, layout.tp, cfg.dit.num_heads))
+        assert all(not p.requires_grad for c in reference.chunks for p in c.parameters())
     step = DiTForwardStep(FlowDPOObjective(SEED, 0.0, None, beta=BETA), reference)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine = batches[dp_rank::dp]
@@ -119,8 +125,9 @@ def dpo_reference(model, ref_model, batches):
         terms.append(result.terms.detach())
         errs.append(flow_loss(out.detach(), target, b.x_mask))
     (sum(losses) / len(losses)).backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    torch.optim.Adam(model.parameters(), **ADAM).step()
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.detach().clone() for k, p in trained.items()}
+    torch.optim.Adam(trained.values(), **ADAM).step()
     return terms, errs, grads, {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
@@ -156,9 +163,37 @@ def test_dpo_step_matches_single_process(layout, dpo_problem):
     for r in results:
         for k, g in r["grads"].items():
             assert rel(g, ref_grads[k]) <= 1e-4, f"grad {k}: rel err {rel(g, ref_grads[k]):.2e}"
-            assert rel(r["params"][k], ref_params[k]) <= 1e-4, f"param {k}: rel err {rel(r['params'][k], ref_params[k]):.2e}"
             keys.add(k)
+        for k, p in r["params"].items():
+            assert rel(p, ref_params[k]) <= 1e-4, f"param {k}: rel err {rel(p, ref_params[k]):.2e}"
     assert seen >= len(batches) and keys == set(ref_grads), sorted(set(ref_grads) ^ keys)[:5]
+
+
+@pytest.fixture(scope="module")
+def lora_dpo_problem():
+    """A LoRA policy (random A and B, base frozen) whose reference is the same network without its
+    adapters: in the single process, a copy with B = 0."""
+    from tests.megatron_parity import lora_reference_model
+
+    # a small alpha / rank: adapters (with O(0.2) factors) that move the loss by O(1), not into saturation
+    model = lora_reference_model(tiny_model(seed=0, depth=4, num_heads=4, hidden_size=72), **LORA)
+    ref_model = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batches = [paired(model.config, pairs=2, seed=10 + i, stream_index=i) for i in range(2)]
+    terms, errs, grads, params = dpo_reference(model, ref_model, batches)
+    assert grads and all(".lora_" in k for k in grads)
+    assert all(float((t - math.log(2)).abs().min()) > 1e-3 for t in terms)
+    return dict(TINY, depth=4, num_heads=4), sd, None, batches, (terms, errs), grads, params
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, sp=True, microbatches=2, lora=LORA), Layout(pp=2, microbatches=2, lora=LORA)],
+                         ids=["tp2_sp", "pp2"])
+def test_lora_dpo_step_matches_single_process(layout, lora_dpo_problem):
+    test_dpo_step_matches_single_process(layout, lora_dpo_problem)
 
 
 def reference_bytes_worker(rank, world, layout: Layout, dit_kwargs, sd):
@@ -184,42 +219,3 @@ def test_reference_is_sharded_like_the_policy(dpo_problem):
     split = per_rank["tp1"] - replicated
     assert per_rank["tp4"] == replicated + split // 4 and 0 < replicated < split / 2, per_rank
     assert per_rank["pp2"] < 0.65 * per_rank["tp1"], per_rank  # a stage holds half the layers
-
-
-def test_lora_policy_gets_the_adapters_off_reference(monkeypatch):
-    """With a LoRA policy (mugv.models.megatron.lora's has_lora), the reference is the policy itself
-    run under adapters_disabled and no_grad: no second copy, no parameters. A stub stands in for
-    the LoRA module here (this branch has none; the import is guarded)."""
-    import contextlib
-    import types
-
-    from mugv.training import reference as ref_mod
-
-    class Chunk(torch.nn.Module):
-        pre_process, post_process, vp_stage, adapters = True, True, None, True
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(3))
-
-        def set_input_tensor(self, t):
-            self.input_tensor = t
-
-        def forward(self, x):
-            return x * self.w * (2.0 if self.adapters else 1.0)
-
-    @contextlib.contextmanager
-    def adapters_disabled(chunk):
-        chunk.adapters = False
-        try:
-            yield
-        finally:
-            chunk.adapters = True
-
-    lora = types.SimpleNamespace(has_lora=lambda m: True, adapters_disabled=adapters_disabled)
-    monkeypatch.setattr(ref_mod, "_lora", lambda: lora)
-    chunk = Chunk()
-    ref = ref_mod.make_reference(None, [chunk], torch.device("cpu"))
-    assert isinstance(ref, ref_mod.AdaptersOff) and ref.param_bytes == 0
-    out = ref.forward(chunk, {"x": torch.ones(3)}, None)
-    assert torch.equal(out, torch.ones(3)) and not out.requires_grad and chunk.adapters

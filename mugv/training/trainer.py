@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
-from mugv.checkpoint.lora import LORA_RECORD
+from mugv.checkpoint.lora import LORA_RECORD, read_lora_record
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.flops import sample_cost
@@ -107,6 +107,11 @@ class Trainer:
             path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
             if self.cfg.lora.rank:
+                if self.reference is not None and read_lora_record(path) is not None:
+                    raise ValueError(
+                        f"{path} is a LoRA checkpoint: Flow-DPO with LoRA compares against the network with its "
+                        "adapters off, so it starts with fresh adapters on full weights; merge these adapters "
+                        "first (mugv convert to-hf --merge-lora, then from-hf) and start from that")
                 self.ckpt.files[LORA_RECORD] = lora.start_from(self.cfg, path, self.model, opt)
             else:
                 lora.check_no_lora(path)
