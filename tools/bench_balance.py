@@ -61,6 +61,7 @@ def worker(rank: int, world: int, args) -> dict:
     from mugv.parallel.runtime import init_distributed
     from mugv.training.build import build_megatron_config, build_model, build_optimizer
     from mugv.training.config import ModelConfig, TrainConfig
+    from mugv.training.objective import FlowObjective
     from mugv.training.step import DiTForwardStep
     from mugv.training.trainer import sequence_length
 
@@ -90,7 +91,7 @@ def worker(rank: int, world: int, args) -> dict:
         "packed": PackedBatchSampler(buckets, tasks, data, rank, world, args.microbatches, cost),
     }
     streams = {k: iter(s) for k, s in samplers.items()}
-    step_fn = DiTForwardStep(0, 0.0, None)
+    step_fn = DiTForwardStep(FlowObjective(0, 0.0, None))
     out = {k: [] for k in samplers}
     for i in range(args.warmup + args.steps):
         for mode in (("bucketed", "packed") if i % 2 == 0 else ("packed", "bucketed")):

@@ -53,7 +53,7 @@ def run(args) -> int:
 
 def check_data_paths(cfg, config: str) -> None:
     """Every data.paths entry exists here, and is a pairs dataset exactly when the objective is
-    Flow-DPO (before any process starts)."""
+    Flow-DPO (and then not packed), before any process starts."""
     from mugv.config import ConfigError
     from mugv.data.store import read_meta
 
@@ -67,3 +67,6 @@ def check_data_paths(cfg, config: str) -> None:
             raise ConfigError(f"{config}: data.paths: {path} " + (
                 "is a preference-pairs dataset: it needs train.objective=flow_dpo" if pairs else
                 "is not a preference-pairs dataset (mugv prep --pairs), which train.objective=flow_dpo needs"))
+        if pairs and cfg.data.packing:
+            raise ConfigError(f"{config}: data.packing: {path} is a preference-pairs dataset, batched by bucket "
+                              "whole pairs at a time: set data.packing=false")
