@@ -120,7 +120,7 @@ def dpo_reference(model, ref_model, batches):
         with torch.no_grad():
             ref_out = ref_model(**inputs)
         out = model(**inputs)
-        result = objective.loss(out, target, b, ref_out)
+        result = objective.loss(out, target, b.x_mask, ref_out)
         losses.append(result.loss)
         terms.append(result.terms.detach())
         errs.append(flow_loss(out.detach(), target, b.x_mask))
