@@ -31,7 +31,7 @@ def heldout_accuracy(policy_sd, reference_sd, heldout, draws=4):
     from mugv.diffusion import flow_loss
     from mugv.models import MUGDiT
     from mugv.training.config import ModelConfig
-    from mugv.training.dpo import FlowDPOObjective
+    from mugv.training.dpo import FlowDPOObjective, reward_accuracy, reward_margins
 
     models = []
     for sd in (policy_sd, reference_sd):
@@ -43,10 +43,13 @@ def heldout_accuracy(policy_sd, reference_sd, heldout, draws=4):
     assert len(batch) == 32  # all 16 held-out pairs
     acc = []
     for k in range(draws):
-        inputs, target = FlowDPOObjective(100 + k, 0.0, None).noised_inputs(batch)  # per-pair draws
+        objective = FlowDPOObjective(100 + k, 0.0, None)
+        inputs, target = objective.noised_inputs(batch)  # per-pair draws
         policy, reference = (flow_loss(m(**inputs), target, batch.x_mask) for m in models)
         d = policy - reference  # [2P]
         acc.append((d[0::2] < d[1::2]).float() + 0.5 * (d[0::2] == d[1::2]).float())
+        # the library's held-out measure (tools/dpo_toy.py) agrees
+        assert torch.equal(reward_accuracy(reward_margins(*models, batch, objective)), acc[-1])
     return float(torch.cat(acc).mean())
 
 

@@ -51,7 +51,7 @@ def reward_margins(policy, reference, batch: LatentBatch, objective: FlowDPOObje
     """z [P] of one paired batch for single-device models (e.g. mugv.models.MUGDiT): what held-out
     reward accuracy is measured with (reward_accuracy(z).mean())."""
     inputs, target = objective.noised_inputs(batch)
-    return objective.loss(policy(**inputs), target, batch, reference(**inputs)).values["dpo/reward_margin"]
+    return objective.loss(policy(**inputs), target, batch.x_mask, reference(**inputs)).values["dpo/reward_margin"]
 
 
 def flow_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
