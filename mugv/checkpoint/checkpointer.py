@@ -13,19 +13,39 @@ complete one. What each rank writes (FORMAT.md):
 Loading at any layout reads only the chunks that overlap what a rank owns there: a resume reads
 the optimizer slices and rebuilds the weights from the fp32 main parameters (all-gathered over
 DP like after an optimizer step), so it never reads the replicated weights.
+
+Integrity (mugv.checkpoint.integrity): each rank checksums the files it wrote (in the background
+process of an asynchronous save); rank 0 gathers the sums into `complete.json`. A load first
+verifies the checkpoint, each rank its share of the files, and raises CheckpointCorruptError
+naming every bad file. A save that fails (a full disk) raises CheckpointSaveError naming the path;
+the previous checkpoint stays the latest. Pruning removes a checkpoint's marker before its files.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import queue
 import shutil
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from mugv.checkpoint.integrity import checksums, own_files, verify_collective, writer_of
 from mugv.checkpoint.keys import model_sharded_state_dict
-from mugv.checkpoint.locate import COMPLETE, LATEST, MODEL_CONFIG, step_dir_name, step_dirs
+from mugv.checkpoint.locate import (
+    COMPLETE,
+    MODEL_CONFIG,
+    is_complete,
+    latest_checkpoint,
+    remove_checkpoint,
+    step_dir_name,
+    step_dirs,
+    write_latest,
+)
 from mugv.checkpoint.state import (
     OPTIM_STATES,
     copy_loaded,
@@ -39,6 +59,21 @@ from mugv.utils.checkpoint_io import write_json_atomic
 from mugv.utils.logging import get_logger
 
 log = get_logger("checkpoint")
+_SUMS = "checksums_{}.json"  # a rank's sums, from an asynchronous save's writer to its rank
+_LOW_SPACE = 2**24  # bytes free under which a failed write is taken for a full disk
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint's files do not match the checksums recorded when they were written."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path, self.problems = path, problems
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        super().__init__(f"checkpoint {path} does not verify: {shown}")
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; the previous checkpoint is untouched."""
 
 
 def _barrier():
@@ -95,7 +130,7 @@ class Checkpointer:
                  async_save: bool = False):
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
-        self.queue = None
+        self.queue, self._pending = None, ""
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -104,7 +139,12 @@ class Checkpointer:
     def maybe_finalize(self, blocking: bool = False) -> None:
         """Publish finished asynchronous saves (collective: call on every rank)."""
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=blocking)
+            try:
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
+            except CheckpointSaveError:
+                raise
+            except Exception as err:
+                raise save_error(err, self._pending, self.root) from err
 
     def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> str | None:
         """Save every `interval` steps (or when forced); returns the checkpoint path if saved."""
@@ -116,54 +156,132 @@ class Checkpointer:
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         self.maybe_finalize(blocking=True)  # one save in flight at a time
-        if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            for name in os.listdir(self.root):
-                if name.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        state = training_state(model, optimizer, ema)
-        state["common"] = {**common, "optimizer": {"adam_step": adam_step(optimizer)}}
-        if self.queue is not None:
-            request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=True)
-            request.add_finalize_fn(lambda: self._publish(step, tmp, final))
-            self.queue.schedule_async_request(request)
-            return final
-        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
-        self._publish(step, tmp, final)
+        try:
+            if _rank() == 0:
+                os.makedirs(self.root, exist_ok=True)
+                for name in os.listdir(self.root):  # left by a save that was killed (the run lock
+                    if name.endswith(".tmp"):       # keeps other runs out of this directory)
+                        shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                os.makedirs(tmp)
+            _barrier()
+            state = training_state(model, optimizer, ema)
+            state["common"] = {**common, "optimizer": {"adam_step": adam_step(optimizer)}}
+            _plain_results_queue(self.queue is not None)
+            if self.queue is not None:
+                request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=True)
+                if request.async_fn is not None:  # the writer process checksums what it wrote
+                    request = request._replace(async_fn=partial(_write_then_checksum, request.async_fn, tmp, _rank()))
+                request.add_finalize_fn(lambda: self._publish(step, tmp, final, None))
+                self._pending = tmp
+                self.queue.schedule_async_request(request)
+                return final
+            dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
+            self._publish(step, tmp, final, checksums(tmp, own_files(tmp, _rank())))
+        except Exception as err:
+            raise save_error(err, tmp, self.root) from err
         return final
 
-    def _publish(self, step: int, tmp: str, final: str) -> None:
-        """Once every rank's shards are on disk: metadata, rename into place, point `latest` at it."""
+    def _publish(self, step: int, tmp: str, final: str, own: dict | None) -> None:
+        """Once every rank's shards are on disk: checksums and metadata, then rename into place and
+        point `latest` at it."""
         _barrier()
+        if own is None:  # an asynchronous save: the sums come from this rank's writer process
+            own = _read_sums(tmp, _rank())
+        files = _gather(own)
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, MODEL_CONFIG), self.model_config)
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
-            write_json_atomic(os.path.join(tmp, COMPLETE), {"step": step})
+            small = [n for n in os.listdir(tmp) if writer_of(n) is None and n != COMPLETE]
+            files.update(checksums(tmp, small))
+            write_json_atomic(os.path.join(tmp, COMPLETE), {"step": step, "files": files})
             if os.path.isdir(final):
-                shutil.rmtree(final)
+                remove_checkpoint(final)
             os.replace(tmp, final)
-            with open(os.path.join(self.root, LATEST + ".tmp"), "w") as f:
-                f.write(step_dir_name(step))
-            os.replace(os.path.join(self.root, LATEST + ".tmp"), os.path.join(self.root, LATEST))
+            write_latest(self.root, step_dir_name(step))
             self._prune()
             log.info(f"saved checkpoint {final}")
         _barrier()
 
     def _prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints; remove everything older (marker first)."""
         if self.keep_last <= 0:
             return
-        for name in step_dirs(self.root)[: -self.keep_last]:
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        names = step_dirs(self.root)
+        keep = [n for n in names if is_complete(os.path.join(self.root, n))][-self.keep_last :]
+        for name in names:
+            if keep and name < keep[0]:
+                remove_checkpoint(os.path.join(self.root, name))
+
+
+def _plain_results_queue(async_save: bool) -> None:
+    """megatron-core 0.16.1 collects its writer processes' results through a multiprocessing Manager
+    that it spawns at the first save (filesystem_async._results_queue): a process in the rank's
+    process group, so a SIGTERM to that group (torchrun's, a scheduler's) kills it and the save in
+    progress dies with BrokenPipeError; and it outlives a rank that ends with os._exit. A plain
+    queue does for a synchronous save (filled and read in this process); the writer of an
+    asynchronous save is a forked process, which inherits a pipe-backed queue made here."""
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = mp.get_context("fork").Queue() if async_save else queue.Queue()
+
+
+def _write_then_checksum(write_fn, ckpt_dir: str, rank: int, *args, **kwargs) -> None:
+    """An asynchronous save's writer (a background process): write, then checksum what it wrote."""
+    write_fn(*args, **kwargs)
+    write_json_atomic(os.path.join(ckpt_dir, _SUMS.format(rank)), checksums(ckpt_dir, own_files(ckpt_dir, rank)))
+
+
+def _read_sums(ckpt_dir: str, rank: int) -> dict:
+    path = os.path.join(ckpt_dir, _SUMS.format(rank))
+    if not os.path.isfile(path):  # nothing to write on this rank
+        return {}
+    with open(path) as f:
+        sums = json.load(f)
+    os.remove(path)
+    return sums
+
+
+def _gather(own: dict) -> dict:
+    """Every rank's {file: checksum}, merged on rank 0 ({} elsewhere)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(own)
+    out = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(own, out, dst=0)
+    return {k: v for d in out for k, v in d.items()} if out else {}
+
+
+def save_error(err: BaseException, path: str, root: str) -> CheckpointSaveError:
+    """A save failure described: a full disk says so and names the path; the previous checkpoint."""
+    chain, e = [], err
+    while e is not None and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    try:
+        free = shutil.disk_usage(root if os.path.isdir(root) else os.path.dirname(root) or ".").free
+    except OSError:
+        free = -1
+    full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain) or "No space left" in str(err)
+    previous = latest_checkpoint(root) if os.path.isdir(root) else None
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    if full or 0 <= free < _LOW_SPACE:
+        return CheckpointSaveError(
+            f"saving checkpoint {path} failed: the disk is full ({free} bytes free on the file system of {root}); "
+            f"{kept}. Free space (or move run_dir) and run again; error: {type(err).__name__}: {err}"
+        )
+    return CheckpointSaveError(f"saving checkpoint {path} failed: {type(err).__name__}: {err}; {kept}")
 
 
 def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights: bool = False) -> dict:
     """Load this rank's share of a checkpoint at the current layout; returns its common state.
+    Collective: the checkpoint is verified first (CheckpointCorruptError names the bad files).
 
     With `optimizer`: its fp32 main parameters and moments, and the weights rebuilt from the main
     parameters. Without: the weights (`use_ema_weights`: the EMA as weights). With `ema`: the EMA."""
+    problems = verify_collective(path)
+    if problems:
+        raise CheckpointCorruptError(path, problems)
     common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
     if optimizer is not None and "optimizer" not in common:
         raise KeyError(f"{path}: no optimizer state (a weights-only checkpoint); load without the optimizer")

@@ -18,11 +18,14 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
     skipped        list[str]                 ids of planned samples that were bad and left out
                                              (replaced by others of the bucket); see
                                              mugv.data.dataset
+    bad            list[(str, str)]          (id, reason) of samples found bad while building
+                                             this batch (each once per loader)
     planned        int                       samples the sampler planned for this batch
     stream_index   int                       position of this micro-batch in the global
                                              batch stream (see mugv.data.sampler)
 
-`num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2).
+`num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2). A batch may
+have 0 samples (nothing of its bucket was readable): the trainer skips such a step.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class LatentBatch:
     skipped: list[str] = field(default_factory=list)
     planned: int = 0
     stream_index: int = -1
+    bad: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.latents.shape[0]

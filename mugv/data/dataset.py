@@ -1,14 +1,16 @@
 """Builds LatentBatches from BatchRequests (runs inside DataLoader workers).
 
-Bad samples: a planned sample whose files are missing, unreadable, of the wrong shape or (with
-check_finite) non-finite is skipped, logged and listed in `batch.skipped` (once per planned
-occurrence, so over an epoch the count is exactly the number of bad samples). The batch is
-REFILLED with other samples of the same bucket, drawn deterministically (seeded by the stream
-index); a failed draw is logged but not counted again; after max(8, 2B) draws the batch comes
-out smaller. If nothing of the bucket is readable, the batch becomes one sample drawn from the
-whole dataset (another bucket); only if that fails too does BadDataError stop the run.
-Counting and the bad-fraction limit live in mugv.data.loader (the main process), which sees
-every batch's `skipped` list.
+Bad samples: a planned sample whose files are missing, unreadable, of the wrong shape or dtype
+(a latent or text stored as integers) or (with check_finite) non-finite is skipped and listed in
+`batch.skipped`; every sample found bad while building the batch (planned, or drawn as a
+replacement) is reported once in `batch.bad` as (id, reason) and flagged in `bad_flags`, a
+byte per record shared by the loader's workers, so that no worker draws it again (the loader
+also flags the run's quarantine list there). The batch is REFILLED with other samples of the
+same bucket, each taking the task of a lost one (the batch keeps its task mix), drawn
+deterministically (seeded by the stream index); after max(8, 2B) draws the batch comes out
+smaller. If nothing of the bucket is readable the batch comes out EMPTY (0 samples): the
+trainer skips the step and counts it; it never reaches the model. Counting, the quarantine and
+the bad-fraction limit live in mugv.data.loader (the main process), which sees every batch.
 
 A batch's tensors live in two reused buffers (latents; text and the small fields) of the
 process's SegmentPool (mugv.data.shm_pool). In a worker that the loader gave `pool_flags`, they
@@ -45,7 +47,8 @@ class LatentDataset:
         for i, r in enumerate(records):
             by_bucket.setdefault(r.bucket, []).append(i)
         self.by_bucket = {k: np.array(v) for k, v in by_bucket.items()}
-        self.known_bad: set[int] = set()  # per worker process
+        self.bad_flags = torch.zeros(len(records), dtype=torch.uint8)  # 1 = bad (the loader shares it)
+        self._found: list[tuple[str, str]] = []  # (id, reason) found bad while building the current batch
         self.pool_flags: torch.Tensor | None = None  # set by the loader before its workers start
         self._pool: SegmentPool | None = None  # made in the process that uses it
 
@@ -69,8 +72,10 @@ class LatentDataset:
                 raise ValueError("non-finite values")
             return y, mask
         except Exception as err:  # noqa: BLE001 - any failure makes the sample bad, never the step
-            self.known_bad.add(i)
-            log.warning(f"bad sample {rec.id} ({rec.latent_file}): {type(err).__name__}: {err}")
+            self.bad_flags[i] = 1
+            why = f"{rec.latent_file}: {type(err).__name__}: {err}"
+            self._found.append((rec.id, why))
+            log.warning(f"bad sample {rec.id} ({why})")
             return None
 
     def _pool_here(self) -> SegmentPool:
@@ -104,10 +109,11 @@ class LatentDataset:
 
     def __getitem__(self, req: BatchRequest) -> LatentBatch | Parcel:
         segs: list[Segment] = []
+        self._found = []
         latents = self._buffer(len(req.indices), self.records[req.indices[0]], segs)
         loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)
         for i, task in zip(req.indices, req.tasks, strict=True):
-            text = self._load_into(i, latents[len(loaded)]) if i not in self.known_bad else None
+            text = self._load_into(i, latents[len(loaded)]) if not self.bad_flags[i] else None
             if text is None:
                 skipped.append(self.records[i].id)
                 lost_tasks.append(task)
@@ -115,25 +121,23 @@ class LatentDataset:
                 loaded.append((i, task, *text))
         if lost_tasks:
             self._refill(req, latents, loaded, lost_tasks)
-        bucket = req.bucket
         if not loaded:
             self._give_back(segs)
-            latents, loaded = self._fallback(req, segs)
-            bucket = self.records[loaded[0][0]].bucket
-        batch = self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs)
+            return self._empty(req, skipped)
+        batch = self._collate(req, req.bucket, latents[: len(loaded)], loaded, skipped, segs)
         if self._pool.shared and self.pool_flags is not None:
             return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
         return batch
 
     def _refill(self, req: BatchRequest, latents: torch.Tensor, loaded: list, lost_tasks: list[str]) -> None:
-        """Replace the lost samples by random others of the bucket (in place)."""
+        """Replace the lost samples by random others of the bucket, each with a lost one's task (in place)."""
         rng = np.random.default_rng([self.cfg.seed, req.stream_index])
         pool = self.by_bucket[req.bucket]
         for _ in range(max(8, 2 * len(req.indices))):
             if not lost_tasks:
                 return
             i = int(pool[rng.integers(len(pool))])
-            if i in self.known_bad or any(i == entry[0] for entry in loaded):
+            if self.bad_flags[i] or any(i == entry[0] for entry in loaded):
                 continue
             text = self._load_into(i, latents[len(loaded)])
             if text is not None:
@@ -142,29 +146,20 @@ class LatentDataset:
             log.warning(
                 f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
                 f"{len(req.indices)} samples: no readable replacement found"
+                + ("; the step will be skipped" if not loaded else "")
             )
 
-    def _fallback(self, req: BatchRequest, segs: list[Segment]) -> tuple[torch.Tensor, list]:
-        """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
-        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
-        for _ in range(32):
-            i = int(rng.integers(len(self.records)))
-            if i in self.known_bad:
-                continue
-            latents = self._buffer(1, self.records[i], segs)
-            text = self._load_into(i, latents[0])
-            if text is None:
-                self._give_back(segs)
-            else:
-                log.warning(
-                    f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
-                    f"using one sample of bucket {self.records[i].bucket}"
-                )
-                return latents, [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", *text)]
-        raise BadDataError(
-            f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
-            f"draws from the whole dataset; run `mugv data check`"
-        )
+    def _empty(self, req: BatchRequest, skipped: list[str]) -> LatentBatch:
+        """A batch of 0 samples: nothing of its bucket was readable (the trainer skips the step)."""
+        rec = self.records[req.indices[0]]
+        t = rec.shape[0]
+        return LatentBatch(
+            latents=torch.empty(0, rec.channels, *rec.shape), y=torch.empty(0, 1, 0, 0),
+            mask=torch.empty(0, 0, dtype=torch.bool), x_mask=torch.empty(0, t, dtype=torch.bool),
+            fps=torch.empty(0), frame_indices=torch.empty(0, t + 2, dtype=torch.long),
+            pixel_size=torch.empty(0, 2, dtype=torch.long), tasks=[], bucket=req.bucket, ids=[], skipped=skipped,
+            planned=len(req.indices), stream_index=req.stream_index, bad=list(self._found),
+        )  # fmt: skip
 
     def _collate(
         self,
@@ -221,6 +216,7 @@ class LatentDataset:
             skipped=skipped,
             planned=len(req.indices),
             stream_index=req.stream_index,
+            bad=list(self._found),
         )
 
 
