@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     # torchrun installs its own handlers (which kill the workers) for the signals named here, on
     # every worker (re)start; keep ours for the stop signals
     args = ["--signals-to-handle=SIGHUP,SIGQUIT", *args]
+    # torch 2.13 shares the agent's TCPStore with the workers, unprefixed across restarts: the ranks
+    # of a restarted attempt read the previous attempt's gloo addresses and fail to connect. A
+    # store per rendezvous round (hosted by global rank 0) has none of that
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     for s in STOP_SIGNALS:
         signal.signal(s, agent.handle)
     # the watcher leaves the signals unblocked (the kernel delivers them to it and Python runs the
