@@ -24,7 +24,6 @@ the previous checkpoint stays the latest. Pruning removes a checkpoint's marker 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import queue
 import shutil
@@ -34,7 +33,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from mugv.checkpoint.integrity import checksums, own_files, verify_collective, writer_of
+from mugv.checkpoint.integrity import (
+    CheckpointCorruptError,
+    checksums,
+    gather_sums,
+    own_files,
+    read_sums,
+    verify_collective,
+    write_then_checksum,
+    writer_of,
+)
 from mugv.checkpoint.keys import model_sharded_state_dict
 from mugv.checkpoint.locate import (
     COMPLETE,
@@ -59,17 +67,7 @@ from mugv.utils.checkpoint_io import write_json_atomic
 from mugv.utils.logging import get_logger
 
 log = get_logger("checkpoint")
-_SUMS = "checksums_{}.json"  # a rank's sums, from an asynchronous save's writer to its rank
 _LOW_SPACE = 2**24  # bytes free under which a failed write is taken for a full disk
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint's files do not match the checksums recorded when they were written."""
-
-    def __init__(self, path: str, problems: list[str]):
-        self.path, self.problems = path, problems
-        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
-        super().__init__(f"checkpoint {path} does not verify: {shown}")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -170,7 +168,7 @@ class Checkpointer:
             if self.queue is not None:
                 request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=True)
                 if request.async_fn is not None:  # the writer process checksums what it wrote
-                    request = request._replace(async_fn=partial(_write_then_checksum, request.async_fn, tmp, _rank()))
+                    request = request._replace(async_fn=partial(write_then_checksum, request.async_fn, tmp, _rank()))
                 request.add_finalize_fn(lambda: self._publish(step, tmp, final, None))
                 self._pending = tmp
                 self.queue.schedule_async_request(request)
@@ -186,8 +184,8 @@ class Checkpointer:
         point `latest` at it."""
         _barrier()
         if own is None:  # an asynchronous save: the sums come from this rank's writer process
-            own = _read_sums(tmp, _rank())
-        files = _gather(own)
+            own = read_sums(tmp, _rank())
+        files = gather_sums(own)
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, MODEL_CONFIG), self.model_config)
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
@@ -227,31 +225,6 @@ def _plain_results_queue(async_save: bool) -> None:
     filesystem_async._results_queue = mp.get_context("fork").Queue() if async_save else queue.Queue()
 
 
-def _write_then_checksum(write_fn, ckpt_dir: str, rank: int, *args, **kwargs) -> None:
-    """An asynchronous save's writer (a background process): write, then checksum what it wrote."""
-    write_fn(*args, **kwargs)
-    write_json_atomic(os.path.join(ckpt_dir, _SUMS.format(rank)), checksums(ckpt_dir, own_files(ckpt_dir, rank)))
-
-
-def _read_sums(ckpt_dir: str, rank: int) -> dict:
-    path = os.path.join(ckpt_dir, _SUMS.format(rank))
-    if not os.path.isfile(path):  # nothing to write on this rank
-        return {}
-    with open(path) as f:
-        sums = json.load(f)
-    os.remove(path)
-    return sums
-
-
-def _gather(own: dict) -> dict:
-    """Every rank's {file: checksum}, merged on rank 0 ({} elsewhere)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(own)
-    out = [None] * dist.get_world_size() if _rank() == 0 else None
-    dist.gather_object(own, out, dst=0)
-    return {k: v for d in out for k, v in d.items()} if out else {}
-
-
 def save_error(err: BaseException, path: str, root: str) -> CheckpointSaveError:
     """A save failure described: a full disk says so and names the path; the previous checkpoint."""
     chain, e = [], err
@@ -282,7 +255,10 @@ def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights:
     problems = verify_collective(path)
     if problems:
         raise CheckpointCorruptError(path, problems)
-    common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
+    try:
+        common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
+    except Exception as err:  # a checkpoint without checksums: still name the file
+        raise CheckpointCorruptError(path, [f"{path}/common.pt: unreadable ({type(err).__name__}: {err})"]) from err
     if optimizer is not None and "optimizer" not in common:
         raise KeyError(f"{path}: no optimizer state (a weights-only checkpoint); load without the optimizer")
     model_sd = model_sharded_state_dict(model)

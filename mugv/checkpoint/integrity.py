@@ -21,9 +21,20 @@ import os
 import zlib
 
 from mugv.checkpoint.locate import COMPLETE
+from mugv.utils.checkpoint_io import write_json_atomic
 
 _CHUNK = 16 * 2**20
+_SUMS = "checksums_{}.json"  # a rank's sums, from an asynchronous save's writer to its rank
 TENSOR_SUFFIX = ".distcp"
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint's files do not match the checksums recorded when they were written."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path, self.problems = path, problems
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        super().__init__(f"checkpoint {path} does not verify: {shown}")
 
 
 def writer_of(name: str) -> int | None:
@@ -52,6 +63,33 @@ def file_checksum(path: str) -> dict:
 
 def checksums(ckpt_dir: str, names: list[str]) -> dict[str, dict]:
     return {n: file_checksum(os.path.join(ckpt_dir, n)) for n in names}
+
+
+def write_then_checksum(write_fn, ckpt_dir: str, rank: int, *args, **kwargs) -> None:
+    """An asynchronous save's writer (a background process): write, then checksum what it wrote."""
+    write_fn(*args, **kwargs)
+    write_json_atomic(os.path.join(ckpt_dir, _SUMS.format(rank)), checksums(ckpt_dir, own_files(ckpt_dir, rank)))
+
+
+def read_sums(ckpt_dir: str, rank: int) -> dict:
+    path = os.path.join(ckpt_dir, _SUMS.format(rank))
+    if not os.path.isfile(path):  # nothing to write on this rank
+        return {}
+    with open(path) as f:
+        sums = json.load(f)
+    os.remove(path)
+    return sums
+
+
+def gather_sums(own: dict) -> dict:
+    """Every rank's {file: checksum}, merged on rank 0 ({} elsewhere)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(own)
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(own, out, dst=0)
+    return {k: v for d in out for k, v in d.items()} if out else {}
 
 
 def recorded(ckpt_dir: str) -> dict[str, dict] | None:

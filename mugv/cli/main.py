@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "demo", "config", "train", "curriculum", "data", "curate", "prep", "convert", "sample"]
+COMMANDS = ["info", "demo", "config", "train", "curriculum", "data", "curate", "prep", "checkpoint", "convert",
+            "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:

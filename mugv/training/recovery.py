@@ -3,9 +3,12 @@
   * `resume_candidates(root)`: the checkpoints to try, newest first from `latest`. The trainer
     loads the first that verifies; one that does not is set aside as `<name>.corrupt` (the log
     names its bad files) and the one before it is tried.
-  * `keep_healthy(root, first_step, cfg)`: after a divergence (DivergenceError), checkpoints of
-    `first_step` steps or more hold the diverged state: they are set aside as `<name>.diverged`
-    and `latest` names the newest one before; returns what to change to resume.
+  * `last_healthy_step(losses, start, first_bad)`: after a divergence (DivergenceError), the last
+    state the run can go back to: before the non-finite streak, and before the finite-but-exploding
+    steps that usually precede it (a loss above SPIKE x the median of the WINDOW steps before it:
+    the update that blew the weights up had a finite loss). `keep_healthy(root, step, cfg)` sets
+    the checkpoints after it aside as `<name>.diverged`, points `latest` at the newest one left and
+    returns what to change to resume.
   * `StopMarker`: a stop that a restart would only repeat (a divergence, too much bad data) is
     written to `<run_dir>/stopped.json`; an in-job restart (train.max_restarts) of the same job
     finds it and ends at once instead of diverging again. A new job ignores an old marker.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from mugv.checkpoint.locate import (
@@ -32,6 +36,24 @@ from mugv.utils.runlock import job_id
 
 log = get_logger("train")
 STOPPED = "stopped.json"
+SPIKE, WINDOW = 10.0, 20
+
+
+def last_healthy_step(losses: list[float], start: int, first_bad: int) -> int:
+    """The newest state (step count) whose loss was normal: losses[i] is the loss of the state after
+    start + i updates (this process's run), first_bad the first non-finite one. States before
+    `start` are taken as healthy (the run resumed from one)."""
+    s = first_bad - 1
+    while s > start:
+        i = s - start
+        before = sorted(x for x in losses[max(0, i - WINDOW) : i] if math.isfinite(x))
+        if i >= len(losses) or len(before) < 3:
+            break
+        loss, median = losses[i], before[len(before) // 2]
+        if math.isfinite(loss) and loss <= SPIKE * abs(median):
+            break
+        s -= 1
+    return s
 
 
 def resume_candidates(root: str) -> list[str]:
@@ -43,10 +65,10 @@ def resume_candidates(root: str) -> list[str]:
     return [first, *(os.path.join(root, n) for n in reversed(older))]
 
 
-def keep_healthy(root: str, first_step: int, cfg) -> str:
-    """Set aside the checkpoints saved from `first_step` on; point `latest` at the newest one
-    before. Returns the message that says where a rerun resumes and what to change. Rank 0."""
-    diverged = [n for n in step_dirs(root) if step_of(n) >= first_step]
+def keep_healthy(root: str, healthy_step: int, first_bad: int, cfg) -> str:
+    """Set aside the checkpoints saved after `healthy_step`; point `latest` at the newest one left.
+    Returns the message that says where a rerun resumes and what to change. Rank 0."""
+    diverged = [n for n in step_dirs(root) if step_of(n) > healthy_step]
     for name in diverged:
         set_aside(os.path.join(root, name), "diverged")
     healthy = latest_checkpoint(root) if not diverged else _newest_complete(root)
@@ -57,7 +79,8 @@ def keep_healthy(root: str, first_step: int, cfg) -> str:
              + (f"train.init_from ({cfg.train.init_from})" if cfg.train.init_from else "scratch"))  # fmt: skip
     o = cfg.optim
     return (
-        f"The loss first went non-finite after {first_step} updates; {start}.{aside} To resume, change what "
+        f"The loss first went non-finite after {first_bad} updates (the last normal loss: after {healthy_step}); "
+        f"{start}.{aside} To resume, change what "
         f"diverged -- e.g. a lower optim.lr (now {o.lr:g}), a longer optim.warmup_steps (now {o.warmup_steps}) "
         f"or optim.clip_grad (now {o.clip_grad:g}), or remove the samples named above -- and run the same "
         "command again."

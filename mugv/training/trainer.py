@@ -36,7 +36,13 @@ from mugv.training.ema import ShardedEMA
 from mugv.training.guards import DivergenceError, NonFiniteGuard, StopSignals, TimeBudget, agree
 from mugv.training.metrics import MetricsLogger, dp_sum
 from mugv.training.preview import Previewer
-from mugv.training.recovery import StopMarker, keep_healthy, microbatches_for, resume_candidates
+from mugv.training.recovery import (
+    StopMarker,
+    keep_healthy,
+    last_healthy_step,
+    microbatches_for,
+    resume_candidates,
+)
 from mugv.training.schedule import LRSchedule
 from mugv.training.step import DiTForwardStep
 from mugv.training.straggler import StepTimes
@@ -262,9 +268,14 @@ class Trainer:
         """Leave `latest` at the last healthy checkpoint (every rank is here at the same step: the
         guard's decision is agreed); returns the error to raise, saying what to change."""
         self.ckpt.maybe_finalize(blocking=True)
+        healthy = last_healthy_step(self.history, self.step - len(self.history), err.first_step)
+        if dist.is_initialized():  # the most careful rank decides (losses live on the last stage)
+            t = torch.tensor([healthy], dtype=torch.int64, device=self.dist.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            healthy = int(t.item())
         message = "(rank 0 says where the run resumes)"
         if self.dist.rank == 0:
-            message = keep_healthy(self.ckpt.root, err.first_step, self.cfg)
+            message = keep_healthy(self.ckpt.root, healthy, err.first_step, self.cfg)
             StopMarker(self.cfg.run_dir).write(f"{err} {message}")
         _barrier()
         return DivergenceError(f"{err}. {message}", err.first_step)

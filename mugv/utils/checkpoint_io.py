@@ -112,6 +112,15 @@ def load_release_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """The tensor, or ValueError naming it if it holds NaN or Inf (weights to convert or sample)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{where}: {name} has {bad} non-finite value(s) of {tensor.numel()}: refusing to use "
+                         "these weights (a diverged or corrupt checkpoint)")
+    return tensor
+
+
 def write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
