@@ -23,7 +23,7 @@ from tests.trainer_utils import dataset, overrides, train_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = os.path.join(REPO, "tools", "faults")
-REFERENCE_STEPS = 14
+REFERENCE_STEPS = 20
 
 
 class Run:
@@ -83,6 +83,16 @@ def processes_of(run_dir: str) -> list[int]:
     return out
 
 
+def ranks_of(run_dir: str) -> list[int]:
+    """The training processes (torchrun starts them as `python -u -m mugv.cli.main train ...`)."""
+    out = []
+    for pid in processes_of(run_dir):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"-u\0-m\0mugv.cli.main\0train" in f.read():
+                out.append(pid)
+    return out
+
+
 @pytest.fixture()
 def no_leftovers(tmp_path):
     """After the test, kill (by pid) anything of its runs that is still alive."""
@@ -127,9 +137,16 @@ def test_sigterm_to_group_and_launcher_save_the_step_and_resume_exactly(tmp_path
     run = str(tmp_path / "run")
     first = Run(tmp_path, run, data)
     first.wait_for("step 3/")
-    # a second run on the same directory is refused, naming the holder, before anything starts
-    second = subprocess.run([sys.executable, "-m", "mugv.cli.main", "train", str(tmp_path / "stage.yaml"), "--nproc",
-                             "2", *overrides(run, data, 5)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    ranks = ranks_of(run)
+    for pid in ranks:  # hold the run still (its lock stays held) while a second run tries the directory
+        os.kill(pid, signal.SIGSTOP)
+    try:  # a second run on the same directory is refused, naming the holder, before anything starts
+        second = subprocess.run([sys.executable, "-m", "mugv.cli.main", "train", str(tmp_path / "stage.yaml"),
+                                 "--nproc", "2", *overrides(run, data, 5)], capture_output=True, text=True,
+                                timeout=300, cwd=REPO)  # fmt: skip
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-3000:]
     assert "is in use by another run: host" in second.stderr and ", pid " in second.stderr, second.stderr[-3000:]
     assert ", started 20" in second.stderr, second.stderr[-3000:]
