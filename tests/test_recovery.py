@@ -83,8 +83,9 @@ def test_divergence_leaves_latest_at_a_healthy_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     run_distributed(train_worker, 2, overrides(run, data, 4, "checkpoint.interval=2"), timeout=300)
     # resumed at lr 1e4: the first update still has a finite loss but blows the weights up, then the
-    # loss goes non-finite; a checkpoint is saved after every step
-    ovr = overrides(run, data, 12, "optim.lr=1e4", "checkpoint.interval=1", "checkpoint.keep_last=20",
+    # loss goes non-finite; a checkpoint is saved after every step and only the last 3 are kept
+    # (pruning must not take the last healthy one)
+    ovr = overrides(run, data, 12, "optim.lr=1e4", "checkpoint.interval=1", "checkpoint.keep_last=3",
                     "train.max_nonfinite_in_row=3")  # fmt: skip
     with pytest.raises(DistributedRankError, match="non-finite") as err:
         run_distributed(train_worker, 2, ovr, timeout=300)

@@ -391,7 +391,7 @@ def damaged_data(d: Drill) -> Outcome:
     rc = job.finish()
     quarantined = sum(1 for _ in open(os.path.join(run_dir, "quarantine.jsonl"))) if rc == 0 else 0
     ok = rc == 0 and quarantined == 5
-    return Outcome(ok, 0, f"rc {rc}, {quarantined} quarantined; " + line_with(job.output, "steps without data"))
+    return Outcome(ok, 0, f"rc {rc}, {quarantined} quarantined; " + line_with(job.output, "quarantined in"))
 
 
 BAD_CONFIGS = [
@@ -431,7 +431,9 @@ def divergence(d: Drill) -> Outcome:
     left = latest_step(run_dir)
     resumed, out = d.resume_to(run_dir, 8)  # back at the healthy checkpoint with the right lr
     ok = rc != 0 and left == 4 and resumed
-    return Outcome(ok, None, f"latest: step {left}; " + line_with(job.output, "went non-finite", width=150))
+    said = line_with(job.output, "went non-finite", width=100000)
+    said = said[said.find("The loss first"):][:140]
+    return Outcome(ok, None, f"latest: step {left}; {said}")
 
 
 def two_runs(d: Drill, together: bool) -> Outcome:
@@ -546,9 +548,10 @@ def main() -> int:
                     got = SCENARIOS[name](drill)
                 except Exception as err:  # noqa: BLE001 - a scenario that breaks is a row, not the end
                     got = Outcome(False, None, f"drill error: {type(err).__name__}: {err}"[:150])
-                row.outcomes += got if isinstance(got, list) else [got]
-                print(f"  {name}: {row.outcomes[-1].survived} ({time.monotonic() - t0:.0f} s) {row.outcomes[-1].message}",
-                      flush=True)  # fmt: skip
+                got = got if isinstance(got, list) else [got]
+                row.outcomes += got
+                for o in got:
+                    print(f"  {name}: {o.survived} ({time.monotonic() - t0:.0f} s) {o.message}", flush=True)
             rows.append(row)
     finally:
         for pids in (processes_of(root),):

@@ -32,6 +32,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mugv.checkpoint.integrity import (
     CheckpointCorruptError,
@@ -52,6 +53,7 @@ from mugv.checkpoint.locate import (
     remove_checkpoint,
     step_dir_name,
     step_dirs,
+    step_of,
     write_latest,
 )
 from mugv.checkpoint.state import (
@@ -129,6 +131,7 @@ class Checkpointer:
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
         self.queue, self._pending = None, ""
+        self.healthy = -1  # the newest step whose state gave a normal loss (set by the trainer)
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -141,7 +144,7 @@ class Checkpointer:
                 self.queue.maybe_finalize_async_calls(blocking=blocking)
             except CheckpointSaveError:
                 raise
-            except Exception as err:
+            except (Exception, CheckpointException) as err:
                 raise save_error(err, self._pending, self.root) from err
 
     def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> str | None:
@@ -175,7 +178,7 @@ class Checkpointer:
                 return final
             dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
             self._publish(step, tmp, final, checksums(tmp, own_files(tmp, _rank())))
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # (torch's CheckpointException is a BaseException)
             raise save_error(err, tmp, self.root) from err
         return final
 
@@ -202,13 +205,19 @@ class Checkpointer:
         _barrier()
 
     def _prune(self) -> None:
-        """Keep the newest keep_last complete checkpoints; remove everything older (marker first)."""
+        """Keep the newest keep_last complete checkpoints and the newest one at or before
+        `self.healthy` (the newest step the trainer saw a normal loss from); remove the other
+        older ones (marker first)."""
         if self.keep_last <= 0:
             return
         names = step_dirs(self.root)
-        keep = [n for n in names if is_complete(os.path.join(self.root, n))][-self.keep_last :]
+        complete = [n for n in names if is_complete(os.path.join(self.root, n))]
+        keep = set(complete[-self.keep_last :])
+        safe = [n for n in complete if step_of(n) <= self.healthy]
+        if safe:
+            keep.add(safe[-1])
         for name in names:
-            if keep and name < keep[0]:
+            if keep and name not in keep and name < max(keep):
                 remove_checkpoint(os.path.join(self.root, name))
 
 
@@ -227,15 +236,17 @@ def _plain_results_queue(async_save: bool) -> None:
 
 def save_error(err: BaseException, path: str, root: str) -> CheckpointSaveError:
     """A save failure described: a full disk says so and names the path; the previous checkpoint."""
-    chain, e = [], err
-    while e is not None and len(chain) < 16:
+    chain, todo = [], [err]
+    while todo and len(chain) < 64:  # causes, and the per-rank failures a CheckpointException carries
+        e = todo.pop()
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
     try:
         free = shutil.disk_usage(root if os.path.isdir(root) else os.path.dirname(root) or ".").free
     except OSError:
         free = -1
-    full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain) or "No space left" in str(err)
+    full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC or "No space left" in str(c) for c in chain)
     previous = latest_checkpoint(root) if os.path.isdir(root) else None
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     if full or 0 <= free < _LOW_SPACE:

@@ -35,14 +35,19 @@ def agree(flag: bool, group: Any = None) -> bool:
 
     Without an initialised process group this is `flag` itself. Collective: every rank of the
     group must call it at the same point."""
+    return agree_all([flag], group)[0]
+
+
+def agree_all(flags: Sequence[bool], group: Any = None) -> list[bool]:
+    """`agree` for several flags in one all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
+        return [bool(f) for f in flags]
     device = torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _finite(value: Any) -> bool:

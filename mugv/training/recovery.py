@@ -6,7 +6,10 @@
   * `last_healthy_step(losses, start, first_bad)`: after a divergence (DivergenceError), the last
     state the run can go back to: before the non-finite streak, and before the finite-but-exploding
     steps that usually precede it (a loss above SPIKE x the median of the WINDOW steps before it:
-    the update that blew the weights up had a finite loss). `keep_healthy(root, step, cfg)` sets
+    the update that blew the weights up had a finite loss; `abnormal`). While training, the trainer
+    tells the checkpointer the newest state whose loss was normal, and pruning keeps the newest
+    checkpoint up to it, so a divergence longer than checkpoint.keep_last saves cannot prune the
+    last healthy one. `keep_healthy(root, step, cfg)` sets
     the checkpoints after it aside as `<name>.diverged`, points `latest` at the newest one left and
     returns what to change to resume.
   * `StopMarker`: a stop that a restart would only repeat (a divergence, too much bad data) is
@@ -39,19 +42,21 @@ STOPPED = "stopped.json"
 SPIKE, WINDOW = 10.0, 20
 
 
+def abnormal(loss: float, before: list[float]) -> bool:
+    """A non-finite loss, or one above SPIKE x the median of the (finite) losses `before` it (the
+    last WINDOW are looked at; with fewer than 3 known, only non-finite counts)."""
+    if not math.isfinite(loss):
+        return True
+    known = sorted(x for x in before[-WINDOW:] if math.isfinite(x))
+    return len(known) >= 3 and loss > SPIKE * abs(known[len(known) // 2])
+
+
 def last_healthy_step(losses: list[float], start: int, first_bad: int) -> int:
     """The newest state (step count) whose loss was normal: losses[i] is the loss of the state after
     start + i updates (this process's run), first_bad the first non-finite one. States before
     `start` are taken as healthy (the run resumed from one)."""
     s = first_bad - 1
-    while s > start:
-        i = s - start
-        before = sorted(x for x in losses[max(0, i - WINDOW) : i] if math.isfinite(x))
-        if i >= len(losses) or len(before) < 3:
-            break
-        loss, median = losses[i], before[len(before) // 2]
-        if math.isfinite(loss) and loss <= SPIKE * abs(median):
-            break
+    while s > start and s - start < len(losses) and abnormal(losses[s - start], losses[: s - start]):
         s -= 1
     return s
 

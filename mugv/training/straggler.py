@@ -47,10 +47,12 @@ class StepTimes:
             f.write(json.dumps({"step": step, "data_s": [round(v, 5) for v in data],
                                 "compute_s": [round(v, 5) for v in compute]}) + "\n")  # fmt: skip
         slowest = max(range(self.world), key=compute.__getitem__)
-        return {
+        out = {
             "straggler/compute_s_min": min(compute),
             "straggler/compute_s_median": statistics.median(compute),
             "straggler/compute_s_max": compute[slowest],
-            "straggler/slowest_rank": float(slowest),
             "straggler/data_s_max": max(data),
         }
+        if self.world > 1:
+            out["straggler/slowest_rank"] = float(slowest)
+        return out

@@ -33,11 +33,12 @@ from mugv.training.build import build_megatron_config, build_model, build_optimi
 from mugv.training.config import TrainConfig
 from mugv.training.datafaults import DataFaults
 from mugv.training.ema import ShardedEMA
-from mugv.training.guards import DivergenceError, NonFiniteGuard, StopSignals, TimeBudget, agree
+from mugv.training.guards import DivergenceError, NonFiniteGuard, StopSignals, TimeBudget, agree_all
 from mugv.training.metrics import MetricsLogger, dp_sum
 from mugv.training.preview import Previewer
 from mugv.training.recovery import (
     StopMarker,
+    abnormal,
     keep_healthy,
     last_healthy_step,
     microbatches_for,
@@ -234,20 +235,23 @@ class Trainer:
                     for b, r in zip(batches, out["results"]):
                         self.metrics.record_samples(r["per_sample"], b.tasks, b.bucket, tuple(b.latents.shape[2:]),
                                                     b.mask.sum(1).tolist())
+                unhealthy = not out["applied"] or abnormal(out["loss"], self.history)  # the state of this step
                 self.step += 1
                 self.watchdog.end(self.step)
                 self.history.append(out["loss"])
                 self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
                 extra = {**self.faults.share(), **self.times.values(self.step)} if self.metrics.due(self.step) else None
                 self.logged.append(self.metrics.maybe_log(self.step, extra))
-                stop = agree(self.signals.requested or self.budget.expired())
+                stop, unhealthy = agree_all([self.signals.requested or self.budget.expired(), unhealthy])
+                if not unhealthy:  # pruning keeps the newest checkpoint up to this state
+                    self.ckpt.healthy = self.step - 1
                 self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
                                      force=stop or self.step == total)
                 self.preview.maybe_preview(self.step, self.model, self.mcfg, self.optimizer, self.ema, self.metrics,
                                            self.dist.device)
                 self.ckpt.maybe_finalize()
                 if stop:
-                    why = self.signals.signal_name or "time budget"
+                    why = self.signals.signal_name or ("time budget" if self.budget.expired() else "another rank's signal")
                     log.info(f"stopping at step {self.step} on request ({why}); checkpoint saved")
                     break
             self.ckpt.maybe_finalize(blocking=True)
@@ -273,12 +277,13 @@ class Trainer:
             t = torch.tensor([healthy], dtype=torch.int64, device=self.dist.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             healthy = int(t.item())
-        message = "(rank 0 says where the run resumes)"
+        message = [""]
         if self.dist.rank == 0:
-            message = keep_healthy(self.ckpt.root, healthy, err.first_step, self.cfg)
-            StopMarker(self.cfg.run_dir).write(f"{err} {message}")
-        _barrier()
-        return DivergenceError(f"{err}. {message}", err.first_step)
+            message[0] = keep_healthy(self.ckpt.root, healthy, err.first_step, self.cfg)
+            StopMarker(self.cfg.run_dir).write(f"{err} {message[0]}")
+        if dist.is_initialized():  # (before any rank raises) every rank's error says where the run resumes
+            dist.broadcast_object_list(message, src=0)
+        return DivergenceError(f"{err}. {message[0]}", err.first_step)
 
 
 def train(cfg: TrainConfig) -> int:

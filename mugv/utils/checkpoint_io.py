@@ -106,7 +106,10 @@ def load_release_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a release-format `dit.pt`: a flat dict of tensors (weights_only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"release checkpoint not found: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # truncated or not a torch file
+        raise ValueError(f"{path}: cannot be read as a release dit.pt ({type(err).__name__}: {err})") from err
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a flat dict of tensors (release dit.pt layout)")
     return sd
