@@ -155,8 +155,9 @@ class CheckpointConfig:
 
 @dataclass
 class WatchdogConfig:
-    """Hang detection and orphaned processes (mugv.parallel.watchdog): a hang ends the job with
-    every rank's stack dumped and the slow rank named."""
+    """Hang detection (a hung job fails with every rank's stack and the slow rank named) and orphans.
+
+    See mugv.parallel.watchdog."""
 
     step_factor: float = 10.0  # a step slower than this x the median of recent steps is a hang (0 = off)
     min_step_s: float = 300.0  # ... but never one shorter than this
