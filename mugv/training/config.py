@@ -149,7 +149,9 @@ class CheckpointConfig:
     """Checkpoint cadence and retention (Megatron dist_checkpointing, layout-independent)."""
 
     interval: int = 1000  # steps; 0 = only at the end / on signals
-    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    # complete checkpoints kept (older ones are deleted), plus the newest one whose loss was seen to be
+    # normal (the newest is not known to be healthy when it is saved: a divergence may not prune it)
+    keep_last: int = 3
     async_save: bool = False  # write shards in a background process while training continues
 
 

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAULTS = os.path.join(REPO, "tools", "faults")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-REF_STEPS = 16
+REF_STEPS = 40
 
 
 @dataclass
