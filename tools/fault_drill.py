@@ -82,7 +82,7 @@ def ctrl_c(d: Drill, twice: bool = False) -> Outcome:
     if twice:  # aborts at once: the last interval checkpoint is what is left
         ok = rc == 130 and gone is not None and total < 10 and saved is not None
         ok = ok and d.resume_to(run_dir, saved + 2)[0]
-        return Outcome(ok, None if saved is None else at - saved, f"rc {rc}, all gone {total:.1f} s after the first")
+        return Outcome(ok, None if saved is None else max(0, at - saved), f"rc {rc}, all gone {total:.1f} s after the first")
     ok = rc == 0 and gone is not None and saved is not None and saved >= at and d.exact(run_dir, saved)
     return Outcome(ok, None if saved is None else max(0, at - saved),
                    f"rc {rc}, saved step {saved}, every process gone {total:.1f} s after Ctrl-C")
