@@ -159,3 +159,25 @@ def test_probe_batch_is_fixed(converted):
     a, b = probe_batch(cfg, seed=1), probe_batch(cfg, seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not bool(a["x_mask"].all()) and not bool(a["mask"].all())
+
+
+def test_non_finite_weights_are_refused(converted, tmp_path):
+    from mugv.checkpoint.weights import write_weights_checkpoint
+    from mugv.sampling import load_model
+
+    model, _, _ = converted
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    nan_dit = str(tmp_path / "nan.pt")
+    torch.save(sd, nan_dit)
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc2.weight has 1 non-finite"):
+        from_hf(nan_dit, str(tmp_path / "out"), model.config)
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc2.weight has 1 non-finite"):
+        load_model(nan_dit)
+    ckpt = str(tmp_path / "nan_ckpt")  # a checkpoint holding NaN weights (as a diverged run leaves)
+    write_weights_checkpoint(sd.__getitem__, model.config, ckpt, {})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.linear_fc2\.weight has 1 non-finite"):
+        to_hf(ckpt, out=str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        load_model(ckpt)
+    assert cli(["checkpoint", "verify", ckpt]) == 0  # the files are as written: the values are the problem

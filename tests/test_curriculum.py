@@ -91,8 +91,9 @@ def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
         {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "29501"}
     )
     cmd = stage_command(rendezvous, stage)
-    i = cmd.index("torch.distributed.run")
-    assert cmd[i + 1 : i + 7] == [
+    i = cmd.index("mugv.parallel.agent")  # torchrun under the agent (signals: save and stop)
+    assert cmd[i + 1] == "--orphan-grace=120"
+    assert cmd[i + 2 : i + 8] == [
         "--nnodes=1",
         "--node-rank=0",
         "--rdzv-backend=c10d",
@@ -109,23 +110,24 @@ def test_multi_node_launch_uses_the_environment_rendezvous(tmp_path):
         Rendezvous.from_env({"NNODES": "2", "NODE_RANK": "1", "MASTER_PORT": "1"})
 
 
-CHILD = """
-import os, signal, subprocess, sys, time
-if sys.argv[1] == "launcher":  # like torchrun: its worker runs in a session of its own
-    sys.exit(subprocess.call([sys.executable, __file__, "worker", sys.argv[2]], start_new_session=True))
-signal.signal(signal.SIGUSR1, lambda s, f: (open(sys.argv[2] + ".got", "w").write("usr1"), sys.exit(0)))
-open(sys.argv[2] + ".ready", "w").close()
+WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda s, f: (open(sys.argv[1] + ".got", "w").write("usr1"), sys.exit(0)))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])  # (the agent starts workers with it blocked)
+open(sys.argv[1] + ".ready", "w").write(str(os.getppid()))
 time.sleep(60)
 sys.exit(5)
 """
 
 
-def test_signal_relay_reaches_the_workers_not_the_launcher(tmp_path):
-    script, flag = tmp_path / "child.py", str(tmp_path / "flag")
-    script.write_text(CHILD)
+def test_signal_relay_reaches_the_workers_through_the_agent(tmp_path):
+    """SIGUSR1 to the launcher goes to the agent, which relays it to the worker (not torchrun's
+    kill): the worker exits cleanly, and so do the agent and the launcher."""
+    script, flag = tmp_path / "worker.py", str(tmp_path / "flag")
+    script.write_text(WORKER)
 
     def send_when_ready():
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not os.path.exists(flag + ".ready") and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -133,8 +135,9 @@ def test_signal_relay_reaches_the_workers_not_the_launcher(tmp_path):
     threading.Thread(target=send_when_ready, daemon=True).start()
     relay = SignalRelay()
     before = signal.getsignal(signal.SIGUSR1)
-    rc = relay.run([sys.executable, str(script), "launcher", flag], dict(os.environ))
-    assert rc == 0  # the worker saw SIGUSR1 and exited cleanly; the launcher was not signalled
+    cmd = [sys.executable, "-m", "mugv.parallel.agent", "--standalone", "--nproc-per-node=1", str(script), flag]
+    rc = relay.run(cmd, dict(os.environ))
+    assert rc == 0  # the worker saw SIGUSR1 and exited cleanly
     assert open(flag + ".got").read() == "usr1"
     assert relay.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before

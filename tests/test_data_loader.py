@@ -99,17 +99,23 @@ def test_bad_files_are_skipped_and_counted(ds, workers):
     bad = _damage(ds)
     assert len(bad) >= 2
     loader = LatentLoader(cfg_for(ds, max_bad_fraction=0.9, num_workers=workers))
-    skipped, got = [], []
+    skipped, got, found = [], [], []
     for batch in itertools.islice(iter(loader), loader.epoch_batches):
         skipped += batch.skipped
         got += batch.ids
-        assert len(batch) == batch.planned or len(batch) == 1  # refilled, or whole-bucket fallback
+        found += [sid for sid, _ in batch.bad]
+        assert len(batch) in (batch.planned, 0)  # refilled within the bucket, or empty (the step is skipped)
     assert sorted(skipped) == sorted(bad)  # each bad sample counted exactly once per epoch
     assert not set(got) & bad
     m = loader.metrics()
     assert m["data/bad_samples"] == len(bad) and m["data/attempted_samples"] == N
     assert abs(m["data/bad_fraction"] - len(bad) / N) < 1e-9
     assert loader.state_dict()["bad_samples"] == len(bad)
+    assert len(found) == len(set(found))  # a bad sample is found once: never drawn again after that
+    assert sorted(sid for sid, _ in loader.take_new_bad()) == sorted(bad) and not loader.take_new_bad()
+    for batch in itertools.islice(iter(loader), loader.epoch_batches):  # the next epoch: known, not drawn
+        assert not batch.bad and not set(batch.ids) & bad
+    assert loader.metrics()["data/bad_samples"] == len(bad)
 
     strict = LatentLoader(cfg_for(ds, max_bad_fraction=0.05, bad_grace_samples=4))
     with pytest.raises(BadDataError, match="max_bad_fraction"):
@@ -131,6 +137,27 @@ def test_non_finite_sample_is_bad(tmp_path):
     assert batch.skipped == ["s000000"] and sorted(batch.ids) == ["s000001", "s000002"]
     report = check_dataset(root)
     assert not report.ok and any("non-finite" in p for p in report.problems)
+
+
+def test_integer_latent_is_a_bad_sample_and_data_check_reads_every_row(tmp_path):
+    root = str(tmp_path / "ints")
+    write_synthetic_dataset(root, {(2, 4, 4): 40}, text_dim=8, shard_bytes=1)  # one sample per shard
+    shards = sorted(glob.glob(os.path.join(root, "shards", "*.safetensors")))
+    from safetensors.torch import load_file
+
+    t = load_file(shards[0])
+    t["s000000.latent"] = t["s000000.latent"].to(torch.int32)  # silently converted before
+    save_file(t, shards[0])
+    t = load_file(shards[37])
+    t["s000037.latent"][0, 0, 0, 0] = float("nan")
+    save_file(t, shards[37])
+    loader = LatentLoader(cfg_for(root, token_budget=10000, max_batch_size=64, max_bad_fraction=1.0))
+    batch = next(iter(loader))
+    assert "s000000" in batch.skipped and "s000000" not in batch.ids
+    assert dict(batch.bad)["s000000"].endswith("s000000.latent is stored as I32, not a float type")
+    report = check_dataset(root)  # every row by default: the one NaN among 40 is found
+    assert report.values_checked == 39 and any("s000037: latent has non-finite" in p for p in report.problems)
+    assert any("s000000.latent: dtype I32, expected a float type" in p for p in report.problems)
 
 
 def _write_release(tmp_path, n=4, missing=()):

@@ -166,6 +166,13 @@ def test_async_save_publishes_and_resumes(tmp_path):
     (r,) = run_distributed(train_worker, 1, overrides(run, data, 4, *ovr), timeout=300)
     ckpts = os.path.join(run, "checkpoints")
     assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == ["step_00000002", "step_00000004"]
+    # the background writer checksummed the shards it wrote; the marker has them all
+    from mugv.checkpoint.integrity import recorded, verify
+
+    files = recorded(os.path.join(ckpts, "step_00000004"))
+    assert sorted(n for n in files if n.endswith(".distcp")) == sorted(
+        n for n in os.listdir(os.path.join(ckpts, "step_00000004")) if n.endswith(".distcp"))
+    assert verify(os.path.join(ckpts, "step_00000004"))[0] == []
     (r2,) = run_distributed(load_worker, 1, overrides(run, data, 5, *ovr), timeout=300)
     assert r2["start"] == 4
     for k, v in r["params"].items():

@@ -8,6 +8,10 @@ loads it back into zeroed state, checking every rank's state comes back bit for 
 prints: save and load seconds, the bytes the rank wrote, and its peak host memory (RSS, sampled)
 above its training baseline during the save and the load, also as a multiple of its own share
 (the bytes it wrote). With the distributed optimizer every figure should fall as 1/DP.
+Integrity: the part of the save spent checksumming the files the rank wrote (`sum s`), and the
+part of the load spent verifying the rank's share of the files (`verify s`, `verified MB`; rank
+k reads the files of writers r with r % DP == k), each timed again on its own after the save and
+the load (the files are in the page cache, as they are right after a save).
 """
 
 from __future__ import annotations
@@ -65,9 +69,21 @@ def measure_worker(rank, world, overrides: list[str]) -> dict:
         load_checkpoint(path, trainer.model, trainer.optimizer, trainer.ema)
     load_s = time.perf_counter() - t0
     exact = all(torch.equal(a, b) for a, b in zip(before, _state(trainer)))
+    from mugv.checkpoint.integrity import assigned, checksums, own_files, recorded, verify_collective
+
+    t0 = time.perf_counter()
+    checksums(path, own_files(path, rank))  # what the save did after writing
+    sum_s = time.perf_counter() - t0
+    dist.barrier()
+    t0 = time.perf_counter()
+    verify_collective(path)  # what the load did before reading
+    verify_s = time.perf_counter() - t0
+    files = recorded(path)
+    verified = sum(files[n]["bytes"] for n in assigned(files, rank, world))
     params = sum(p.numel() for m in trainer.model for p in m.parameters())
     return dict(rank=rank, path=path, params=params, save_s=save_s, load_s=load_s, save_extra=save_mem.extra,
-                load_extra=load_mem.extra, exact=exact)
+                load_extra=load_mem.extra, exact=exact,
+                sum_s=sum_s, verify_s=verify_s, verified=verified)
 
 
 def run(dp: int, root: str, hidden: int, depth: int) -> list[dict]:
@@ -101,14 +117,15 @@ def main() -> int:
     root = args.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     MB = 2**20
     print(f"{'DP':>3} {'rank':>4} {'save s':>7} {'load s':>7} {'written MB':>11} {'save +MB':>9} "
-          f"{'x share':>7} {'load +MB':>9} {'x share':>7} exact")
+          f"{'x share':>7} {'load +MB':>9} {'x share':>7} {'sum s':>6} {'verify s':>8} {'verified MB':>11} exact")
     try:
         for dp in args.dp:
             for r in run(dp, root, args.hidden, args.depth):
                 share = max(r["bytes"], 1)
                 print(f"{dp:>3} {r['rank']:>4} {r['save_s']:>7.2f} {r['load_s']:>7.2f} {r['bytes'] / MB:>11.1f} "
                       f"{r['save_extra'] / MB:>9.1f} {r['save_extra'] / share:>7.2f} {r['load_extra'] / MB:>9.1f} "
-                      f"{r['load_extra'] / share:>7.2f} {r['exact']}")
+                      f"{r['load_extra'] / share:>7.2f} {r['sum_s']:>6.3f} {r['verify_s']:>8.3f} "
+                      f"{r['verified'] / MB:>11.1f} {r['exact']}")
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

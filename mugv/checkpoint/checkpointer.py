@@ -15,19 +15,49 @@ and EMA, and `lora.json` naming where the base comes from (mugv.checkpoint.lora)
 Loading at any layout reads only the chunks that overlap what a rank owns there: a resume reads
 the optimizer slices and rebuilds the weights from the fp32 main parameters (all-gathered over
 DP like after an optimizer step), so it never reads the replicated weights.
+
+Integrity (mugv.checkpoint.integrity): each rank checksums the files it wrote (in the background
+process of an asynchronous save); rank 0 gathers the sums into `complete.json`. A load first
+verifies the checkpoint, each rank its share of the files, and raises CheckpointCorruptError
+naming every bad file. A save that fails (a full disk) raises CheckpointSaveError naming the path;
+the previous checkpoint stays the latest. Pruning removes a checkpoint's marker before its files.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import queue
 import shutil
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 
+from mugv.checkpoint.integrity import (
+    CheckpointCorruptError,
+    checksums,
+    gather_sums,
+    own_files,
+    read_sums,
+    verify_collective,
+    write_then_checksum,
+    writer_of,
+)
 from mugv.checkpoint.keys import model_sharded_state_dict
-from mugv.checkpoint.locate import COMPLETE, LATEST, MODEL_CONFIG, step_dir_name, step_dirs
+from mugv.checkpoint.locate import (
+    COMPLETE,
+    MODEL_CONFIG,
+    is_complete,
+    latest_checkpoint,
+    remove_checkpoint,
+    step_dir_name,
+    step_dirs,
+    step_of,
+    write_latest,
+)
 from mugv.checkpoint.state import (
     OPTIM_STATES,
     copy_loaded,
@@ -41,6 +71,11 @@ from mugv.utils.checkpoint_io import write_json_atomic
 from mugv.utils.logging import get_logger
 
 log = get_logger("checkpoint")
+_LOW_SPACE = 2**24  # bytes free under which a failed write is taken for a full disk
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; the previous checkpoint is untouched."""
 
 
 def _barrier():
@@ -108,7 +143,8 @@ class Checkpointer:
         self.root, self.interval, self.keep_last = root, interval, keep_last
         self.model_config, self.config_yaml = model_config, config_yaml
         self.files: dict[str, dict] = {}  # more JSON files written into every checkpoint (lora.json)
-        self.queue = None
+        self.queue, self._pending = None, ""
+        self.healthy = -1  # the newest step whose state gave a normal loss (set by the trainer)
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -117,7 +153,12 @@ class Checkpointer:
     def maybe_finalize(self, blocking: bool = False) -> None:
         """Publish finished asynchronous saves (collective: call on every rank)."""
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=blocking)
+            try:
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
+            except CheckpointSaveError:
+                raise
+            except (Exception, CheckpointException) as err:
+                raise save_error(err, self._pending, self.root) from err
 
     def maybe_save(self, step: int, model, optimizer, ema, common: dict, force: bool = False) -> str | None:
         """Save every `interval` steps (or when forced); returns the checkpoint path if saved."""
@@ -129,59 +170,123 @@ class Checkpointer:
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         self.maybe_finalize(blocking=True)  # one save in flight at a time
-        if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            for name in os.listdir(self.root):
-                if name.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        state = training_state(model, optimizer, ema)
-        state["common"] = {**common, "optimizer": {"adam_step": adam_step(optimizer)}}
-        if self.queue is not None:
-            request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=True)
-            request.add_finalize_fn(lambda: self._publish(step, tmp, final))
-            self.queue.schedule_async_request(request)
-            return final
-        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
-        self._publish(step, tmp, final)
+        try:
+            if _rank() == 0:
+                os.makedirs(self.root, exist_ok=True)
+                for name in os.listdir(self.root):  # left by a save that was killed (the run lock
+                    if name.endswith(".tmp"):       # keeps other runs out of this directory)
+                        shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                os.makedirs(tmp)
+            _barrier()
+            state = training_state(model, optimizer, ema)
+            state["common"] = {**common, "optimizer": {"adam_step": adam_step(optimizer)}}
+            _plain_results_queue(self.queue is not None)
+            if self.queue is not None:
+                request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=True)
+                if request.async_fn is not None:  # the writer process checksums what it wrote
+                    request = request._replace(async_fn=partial(write_then_checksum, request.async_fn, tmp, _rank()))
+                request.add_finalize_fn(lambda: self._publish(step, tmp, final, None))
+                self._pending = tmp
+                self.queue.schedule_async_request(request)
+                return final
+            dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
+            self._publish(step, tmp, final, checksums(tmp, own_files(tmp, _rank())))
+        except (Exception, CheckpointException) as err:  # (torch's CheckpointException is a BaseException)
+            raise save_error(err, tmp, self.root) from err
         return final
 
-    def _publish(self, step: int, tmp: str, final: str) -> None:
-        """Once every rank's shards are on disk: metadata, rename into place, point `latest` at it."""
+    def _publish(self, step: int, tmp: str, final: str, own: dict | None) -> None:
+        """Once every rank's shards are on disk: checksums and metadata, then rename into place and
+        point `latest` at it."""
         _barrier()
+        if own is None:  # an asynchronous save: the sums come from this rank's writer process
+            own = read_sums(tmp, _rank())
+        files = gather_sums(own)
         if _rank() == 0:
             write_json_atomic(os.path.join(tmp, MODEL_CONFIG), self.model_config)
             for name, obj in self.files.items():
                 write_json_atomic(os.path.join(tmp, name), obj)
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
-            write_json_atomic(os.path.join(tmp, COMPLETE), {"step": step})
+            small = [n for n in os.listdir(tmp) if writer_of(n) is None and n != COMPLETE]
+            files.update(checksums(tmp, small))
+            write_json_atomic(os.path.join(tmp, COMPLETE), {"step": step, "files": files})
             if os.path.isdir(final):
-                shutil.rmtree(final)
+                remove_checkpoint(final)
             os.replace(tmp, final)
-            with open(os.path.join(self.root, LATEST + ".tmp"), "w") as f:
-                f.write(step_dir_name(step))
-            os.replace(os.path.join(self.root, LATEST + ".tmp"), os.path.join(self.root, LATEST))
+            write_latest(self.root, step_dir_name(step))
             self._prune()
             log.info(f"saved checkpoint {final}")
         _barrier()
 
     def _prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints and the newest one at or before
+        `self.healthy` (the newest step the trainer saw a normal loss from); remove the other
+        older ones (marker first)."""
         if self.keep_last <= 0:
             return
-        for name in step_dirs(self.root)[: -self.keep_last]:
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        names = step_dirs(self.root)
+        complete = [n for n in names if is_complete(os.path.join(self.root, n))]
+        keep = set(complete[-self.keep_last :])
+        safe = [n for n in complete if step_of(n) <= self.healthy]
+        if safe:
+            keep.add(safe[-1])
+        for name in names:
+            if keep and name not in keep and name < max(keep):
+                remove_checkpoint(os.path.join(self.root, name))
+
+
+def _plain_results_queue(async_save: bool) -> None:
+    """megatron-core 0.16.1 collects its writer processes' results through a multiprocessing Manager
+    that it spawns at the first save (filesystem_async._results_queue): a process in the rank's
+    process group, so a SIGTERM to that group (torchrun's, a scheduler's) kills it and the save in
+    progress dies with BrokenPipeError; and it outlives a rank that ends with os._exit. A plain
+    queue does for a synchronous save (filled and read in this process); the writer of an
+    asynchronous save is a forked process, which inherits a pipe-backed queue made here."""
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = mp.get_context("fork").Queue() if async_save else queue.Queue()
+
+
+def save_error(err: BaseException, path: str, root: str) -> CheckpointSaveError:
+    """A save failure described: a full disk says so and names the path; the previous checkpoint."""
+    chain, todo = [], [err]
+    while todo and len(chain) < 64:  # causes, and the per-rank failures a CheckpointException carries
+        e = todo.pop()
+        chain.append(e)
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    try:
+        free = shutil.disk_usage(root if os.path.isdir(root) else os.path.dirname(root) or ".").free
+    except OSError:
+        free = -1
+    full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC or "No space left" in str(c) for c in chain)
+    previous = latest_checkpoint(root) if os.path.isdir(root) else None
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    if full or 0 <= free < _LOW_SPACE:
+        return CheckpointSaveError(
+            f"saving checkpoint {path} failed: the disk is full ({free} bytes free on the file system of {root}); "
+            f"{kept}. Free space (or move run_dir) and run again; error: {type(err).__name__}: {err}"
+        )
+    return CheckpointSaveError(f"saving checkpoint {path} failed: {type(err).__name__}: {err}; {kept}")
 
 
 def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights: bool = False,
                     select: str = "all") -> dict:
     """Load this rank's share of a checkpoint at the current layout; returns its common state.
+    Collective: the checkpoint is verified first (CheckpointCorruptError names the bad files).
 
     With `optimizer`: its fp32 main parameters and moments, and the weights rebuilt from the main
     parameters. Without: the weights (`use_ema_weights`: the EMA as weights), `select`: "all",
     "frozen" (a LoRA run's base) or "trainable" (its adapters). With `ema`: the EMA."""
-    common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
+    problems = verify_collective(path)
+    if problems:
+        raise CheckpointCorruptError(path, problems)
+    try:
+        common = (dist_checkpointing.load_common_state_dict(path) or {}).get("common") or {}
+    except Exception as err:  # a checkpoint without checksums: still name the file
+        raise CheckpointCorruptError(path, [f"{path}/common.pt: unreadable ({type(err).__name__}: {err})"]) from err
     if optimizer is not None and "optimizer" not in common:
         raise KeyError(f"{path}: no optimizer state (a weights-only checkpoint); load without the optimizer")
     model_sd = trained_weights(model_sharded_state_dict(model), select)

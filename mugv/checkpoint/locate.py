@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 from mugv.models.mugdit import MUGDiTConfig
 from mugv.utils.logging import get_logger
@@ -34,11 +35,47 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))
 
 
+def step_of(name: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(name)).group(1))
+
+
 def step_dirs(root: str) -> list[str]:
     """Names of the step directories under root, oldest first (complete or not)."""
     if not os.path.isdir(root):
         return []
     return sorted(n for n in os.listdir(root) if is_step_dir(n))
+
+
+def write_latest(root: str, name: str | None) -> None:
+    """Point `latest` at checkpoint `name` atomically (None: remove it)."""
+    pointer = os.path.join(root, LATEST)
+    if name is None:
+        if os.path.exists(pointer):
+            os.remove(pointer)
+        return
+    with open(pointer + ".tmp", "w") as f:
+        f.write(name)
+    os.replace(pointer + ".tmp", pointer)
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint directory, its completion marker first: a removal cut short leaves a
+    directory that is not a checkpoint, never a marker without its files."""
+    marker = os.path.join(path, COMPLETE)
+    if os.path.exists(marker):
+        os.remove(marker)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside(path: str, why: str) -> str:
+    """Rename a checkpoint to `<path>.<why>` (no longer a checkpoint for the locator, kept for a
+    look); returns the new path."""
+    aside = f"{path}.{why}"
+    n = 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.{why}{n}", n + 1
+    os.replace(path, aside)
+    return aside
 
 
 def latest_checkpoint(root: str) -> str | None:

@@ -2,8 +2,11 @@
 
 `iter_release_weights` reads a checkpoint's `model.*` (or `ema.*`) tensors a batch at a time as
 full Megatron-layout tensors and yields them in the release layout; `write_weights_checkpoint`
-writes a weights-only checkpoint (model and EMA from the same tensors) from release tensors.
-Both run in one process (`dist_session`), need no model and never hold more than a batch.
+writes a weights-only checkpoint (model and EMA from the same tensors) from release tensors,
+with the checksums of its files in `complete.json`. Both run in one process (`dist_session`),
+need no model and never hold more than a batch. A read verifies the checkpoint's files first
+(every rank's files hold weights and optimizer state, so this reads the whole checkpoint once)
+and refuses a tensor with NaN / Inf.
 
 A LoRA checkpoint (lora.json, mugv.checkpoint.lora) holds adapters only: `read_adapters` gives
 them in the release layout (PEFT names, mugv.models.lora), `iter_merged_weights` streams its base
@@ -20,13 +23,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from mugv.checkpoint.integrity import CheckpointCorruptError, checksums, verify
 from mugv.checkpoint.keys import global_key
 from mugv.checkpoint.locate import COMPLETE, MODEL_CONFIG, read_model_config, resolve
 from mugv.checkpoint.lora import base_checkpoint, read_lora_record
 from mugv.models.lora import merged_weight
 from mugv.models.megatron.weight_map import ParamMap, full_mapping, merge, split
 from mugv.models.mugdit import MUGDiTConfig
-from mugv.utils.checkpoint_io import write_json_atomic
+from mugv.utils.checkpoint_io import check_finite, write_json_atomic
 from mugv.utils.logging import progress
 
 PREFIXES = ("model.", "ema.")
@@ -82,6 +86,9 @@ def iter_release_weights(
     """Yield (release name, tensor) from a checkpoint, reading `batch_bytes` at a time (the model's
     weights, or the given weight-map rows). Call inside dist_session()."""
     prefix = weight_prefix(ema)
+    problems, _ = verify(ckpt_dir)
+    if problems:
+        raise CheckpointCorruptError(ckpt_dir, problems)
     meta = checkpoint_metadata(ckpt_dir)
     rows = list(full_mapping(config.depth)) if rows is None else rows
     missing = [prefix + global_key(r) for r in rows if prefix + global_key(r) not in meta]
@@ -96,7 +103,8 @@ def iter_release_weights(
         if size >= batch_bytes or i == len(rows) - 1:
             loaded = read_full(ckpt_dir, [prefix + global_key(r) for r in batch], meta)
             for r in batch:
-                yield r.release, merge([loaded.pop(prefix + global_key(r))], r.layout, config.num_heads)
+                tensor = merge([loaded.pop(prefix + global_key(r))], r.layout, config.num_heads)
+                yield r.release, check_finite(tensor, prefix + global_key(r), ckpt_dir)
             batch, size = [], 0
 
 
@@ -158,7 +166,8 @@ def write_weights_checkpoint(
     with dist_session():
         dist_checkpointing.save(state, tmp)
     write_json_atomic(os.path.join(tmp, MODEL_CONFIG), config.to_dict())
-    write_json_atomic(os.path.join(tmp, COMPLETE), {"step": 0, **marker})
+    files = checksums(tmp, sorted(os.listdir(tmp)))
+    write_json_atomic(os.path.join(tmp, COMPLETE), {"step": 0, **marker, "files": files})
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)

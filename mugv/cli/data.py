@@ -11,7 +11,8 @@ def register(sub) -> None:
     c = cmds.add_parser("check", help="validate manifest rows against the files; exit 1 on problems")
     c.add_argument("dataset", help="mugv dataset directory or release training CSV")
     c.add_argument(
-        "--values", type=int, default=32, help="rows whose tensors are loaded and checked for NaN/Inf (-1: all)"
+        "--values", type=int, default=-1,
+        help="check the tensors of only this many rows, a random sample (default: every row)",
     )
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=run_check)

@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # subcommand modules under mugv.cli, in help order
-COMMANDS = ["info", "demo", "config", "train", "curriculum", "data", "curate", "prep", "convert", "sample"]
+COMMANDS = ["info", "demo", "config", "train", "curriculum", "data", "curate", "prep", "checkpoint", "convert",
+            "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
         args.overrides = [*args.overrides, *extra]
     from mugv.config import ConfigError
+    from mugv.utils.runlock import RunLockError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"mugv {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except RunLockError as err:  # another run holds the run directory
+        print(f"mugv {args.command}: {err}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,8 @@ Run it under torchrun, or let it start torchrun itself with `--nproc N` processe
 machine (on every node of a multi-node job, with NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT
 set; see mugv.parallel.launch). `--dry-run` prints the resolved config, the parallel layout, the
 parameter count and a per-device memory estimate (world size nproc x NNODES), and exits.
+With `--nproc`, a run directory another live run holds is refused before anything starts, and
+train.max_restarts is handed to torchrun (restarts resume from the latest checkpoint).
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ def run(args) -> int:
     check_data_paths(cfg, args.config)
     rendezvous = Rendezvous.from_env(os.environ)
     if args.nproc and "WORLD_SIZE" not in os.environ:
-        cmd = rendezvous.command(args.nproc, ["train", args.config, *args.overrides],
-                                 rdzv_id=os.environ.get("RDZV_ID", "mugv"))  # fmt: skip
-        return SignalRelay().run(cmd, launch_env(os.environ, args.nproc))
+        from mugv.utils.runlock import check_free
+
+        env = launch_env(os.environ, args.nproc)
+        rdzv_id = os.environ.get("RDZV_ID", "mugv")
+        if rendezvous.endpoint:  # what every node's launcher of this job shares (the run lock's job id)
+            env.setdefault("MUGV_JOB_ID", f"{rendezvous.endpoint}/{rdzv_id}")
+        check_free(cfg.run_dir, env.get("MUGV_JOB_ID", ""))  # refuse before any process starts
+        cmd = rendezvous.command(args.nproc, ["train", args.config, *args.overrides], rdzv_id=rdzv_id,
+                                 max_restarts=cfg.train.max_restarts, orphan_grace_s=cfg.watchdog.orphan_grace_s)
+        return SignalRelay().run(cmd, env)
     from mugv.training.trainer import train
 
     if "WORLD_SIZE" in os.environ:  # under torchrun

@@ -82,7 +82,13 @@ def to_hf(
         if out is not None:
             tensors = weights()
             total = len(expected_shapes(config))
-            save_safetensors_sharded(progress(tensors, total, "to-hf tensors"), out, max_shard_bytes)
+            created = not os.path.exists(out)
+            try:
+                save_safetensors_sharded(progress(tensors, total, "to-hf tensors"), out, max_shard_bytes)
+            except BaseException:  # (a tensor refused, a file that does not verify): no half-written output
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
             write_json_atomic(os.path.join(out, CONFIG_NAME), {"model_type": "mugdit", **config.to_dict()})
         if release is not None:
             # one torch.save: the whole dict is in memory at once (stored dtype, no fp32 copy)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from mugv.models.mugdit import CONFIG_NAME, MUGDiT, MUGDiTConfig, load_pretrained_config, read_config_json
-from mugv.utils.checkpoint_io import SAFE_INDEX, SAFE_SINGLE, load_release_state_dict
+from mugv.utils.checkpoint_io import SAFE_INDEX, SAFE_SINGLE, check_finite, load_release_state_dict
 
 
 def is_hf_dir(path: str) -> bool:
@@ -107,7 +107,8 @@ class ReleaseSource:
         return list(self.shapes)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._get(key)
+        """The tensor (ValueError naming it if it holds NaN / Inf)."""
+        return check_finite(self._get(key), key, self.path)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.shapes:

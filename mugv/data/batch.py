@@ -18,6 +18,8 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
     skipped        list[str]                 ids of planned samples that were bad and left out
                                              (replaced by others of the bucket); see
                                              mugv.data.dataset
+    bad            list[(str, str)]          (id, reason) of samples found bad while building
+                                             this batch (each once per loader)
     planned        int                       samples the sampler planned for this batch
     stream_index   int                       position of this micro-batch in the global
                                              batch stream (see mugv.data.sampler)
@@ -25,12 +27,16 @@ padded on the video side. Fields (B samples, L text tokens, Ct text channels):
                                              chosen and the rejected clip of one pair (same
                                              caption and bucket; see mugv.data.pairs)
 
-`num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2).
+    bad            list[(id, reason)]        samples found bad while building this batch
+                                             (the loader counts and quarantines them)
+
+`num_tokens` is the DiT sequence length per sample (T * ceil(H/2) * ceil(W/2) + 2). A batch may
+have 0 samples (nothing of its bucket was readable): the trainer skips such a step.
 
 `PackedBatch`: a packed micro-batch (data.packing), samples of several buckets that the model
 runs as one sequence: `parts`, one LatentBatch per bucket (its samples of one shape), plus the
 same per-micro-batch fields. Both types have `parts` (a LatentBatch is its own only part),
-`ids`, `tasks`, `skipped`, `planned`, `stream_index`, `len`, `to` and `pin_memory`.
+`ids`, `tasks`, `skipped`, `bad`, `planned`, `stream_index`, `len`, `to` and `pin_memory`.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class LatentBatch:
     planned: int = 0
     stream_index: int = -1
     paired: bool = False
+    bad: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -105,6 +112,14 @@ class PackedBatch:
     @property
     def skipped(self) -> list[str]:
         return [i for p in self.parts for i in p.skipped]
+
+    @property
+    def bucket(self) -> str:
+        return "+".join(p.bucket for p in self.parts)
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        return [b for p in self.parts for b in p.bad]
 
     @property
     def planned(self) -> int:

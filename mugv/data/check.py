@@ -3,9 +3,9 @@
 Every row: files exist, shard headers parse, the keys are present with the manifest's shapes and
 float/bool dtypes, pixel size / frame count agree with the latent shape, ids are unique, tasks
 are known. A pairs dataset (dataset.json "pairs": true, or rows with a pair role): every pair has
-one chosen and one rejected clip of one bucket, task and caption (mugv.data.pairs). On a
-deterministic sample of rows (value_samples; -1: every row) the tensors are loaded and checked for
-finite values. Release CSVs get the same checks through their .pt files.
+one chosen and one rejected clip of one bucket, task and caption (mugv.data.pairs). Every row's
+tensors are loaded and checked for finite values and float dtypes (or, for a quick look, a
+deterministic sample of value_samples rows). Release CSVs get the same checks through their .pt files.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _check_headers(rec: SampleRecord, handle) -> list[str]:
     return out
 
 
-def check_dataset(path: str, value_samples: int = 32, seed: int = 0) -> CheckReport:
+def check_dataset(path: str, value_samples: int = -1, seed: int = 0) -> CheckReport:
     report = CheckReport(path)
     try:
         records, index_errors = read_records(path)
@@ -161,7 +161,7 @@ def check_dataset(path: str, value_samples: int = 32, seed: int = 0) -> CheckRep
     n_values = len(candidates) if value_samples < 0 else min(value_samples, len(candidates))
     for rec in random.Random(seed).sample(candidates, n_values):
         try:
-            latent, y, _ = reader.load(rec, normalize=False)
+            latent, y, _ = reader.load(rec, normalize=False)  # (raises on a non-float latent or text)
             if not latent.isfinite().all():
                 report.problems.append(f"{rec.id}: latent has non-finite values")
             if not y.isfinite().all():

@@ -1,14 +1,16 @@
 """Builds LatentBatches from BatchRequests (runs inside DataLoader workers).
 
-Bad samples: a planned sample whose files are missing, unreadable, of the wrong shape or (with
-check_finite) non-finite is skipped, logged and listed in `batch.skipped` (once per planned
-occurrence, so over an epoch the count is exactly the number of bad samples). The batch is
-REFILLED with other samples of the same bucket, drawn deterministically (seeded by the stream
-index); a failed draw is logged but not counted again; after max(8, 2B) draws the batch comes
-out smaller. If nothing of the bucket is readable, the batch becomes one sample drawn from the
-whole dataset (another bucket); only if that fails too does BadDataError stop the run.
-Counting and the bad-fraction limit live in mugv.data.loader (the main process), which sees
-every batch's `skipped` list.
+Bad samples: a planned sample whose files are missing, unreadable, of the wrong shape or dtype
+(a latent or text stored as integers) or (with check_finite) non-finite is skipped and listed in
+`batch.skipped`; every sample found bad while building the batch (planned, or drawn as a
+replacement) is reported once in `batch.bad` as (id, reason) and flagged in `bad_flags`, a
+byte per record shared by the loader's workers, so that no worker draws it again (the loader
+also flags the run's quarantine list there). The batch is REFILLED with other samples of the
+same bucket, each taking the task of a lost one (the batch keeps its task mix), drawn
+deterministically (seeded by the stream index); after max(8, 2B) draws the batch comes out
+smaller. If nothing of the bucket is readable the batch comes out EMPTY (0 samples): the
+trainer skips the step and counts it; it never reaches the model. Counting, the quarantine and
+the bad-fraction limit live in mugv.data.loader (the main process), which sees every batch.
 
 A batch's tensors live in two reused buffers (latents; text and the small fields) of the
 process's SegmentPool (mugv.data.shm_pool). In a worker that the loader gave `pool_flags`, they
@@ -46,7 +48,8 @@ class LatentDataset:
         for i, r in enumerate(records):
             by_bucket.setdefault(r.bucket, []).append(i)
         self.by_bucket = {k: np.array(v) for k, v in by_bucket.items()}
-        self.known_bad: set[int] = set()  # per worker process
+        self.bad_flags = torch.zeros(len(records), dtype=torch.uint8)  # 1 = bad (the loader shares it)
+        self._found: list[tuple[str, str]] = []  # (id, reason) found bad while building the current batch
         self.pool_flags: torch.Tensor | None = None  # set by the loader before its workers start
         self._pool: SegmentPool | None = None  # made in the process that uses it
 
@@ -70,8 +73,10 @@ class LatentDataset:
                 raise ValueError("non-finite values")
             return y, mask
         except Exception as err:  # noqa: BLE001 - any failure makes the sample bad, never the step
-            self.known_bad.add(i)
-            log.warning(f"bad sample {rec.id} ({rec.latent_file}): {type(err).__name__}: {err}")
+            self.bad_flags[i] = 1
+            why = f"{rec.latent_file}: {type(err).__name__}: {err}"
+            self._found.append((rec.id, why))
+            log.warning(f"bad sample {rec.id} ({why})")
             return None
 
     def _pool_here(self) -> SegmentPool:
@@ -110,38 +115,37 @@ class LatentDataset:
         return self._ship(batch, segs)
 
     def _ship(self, batch: LatentBatch, segs: list[Segment]) -> LatentBatch | Parcel:
-        if self._pool.shared and self.pool_flags is not None:
+        """In a worker with a shared pool, the batch travels as a Parcel (an empty batch as is)."""
+        if segs and self._pool.shared and self.pool_flags is not None:
             return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
         return batch
 
     def _packed(self, req: PackedRequest) -> PackedBatch:
         """One part per bucket, each built like a bucket batch (bad samples refilled from their own
-        bucket, so the micro-batch keeps its tokens); a part with nothing readable is left out
-        (its samples counted as skipped on the first part), and a micro-batch left with no part
-        becomes one sample from anywhere. In a worker the parts travel as Parcels, which the
-        loader unpacks."""
-        parts, lost, lost_planned = [], [], 0
-        for part in req.parts:
-            batch, segs = self._build(part, fallback=False)
-            if batch is None:
-                lost += [self.records[i].id for i in part.indices]
-                lost_planned += len(part.indices)
-            else:
-                parts.append((batch, segs))
-        if not parts:  # part 0 again, now with the fallback (it counts its own bad samples)
-            n0 = len(req.parts[0].indices)
-            lost, lost_planned = lost[n0:], lost_planned - n0
-            parts = [self._build(req.parts[0])]
-        parts[0][0].skipped.extend(lost)
-        parts[0][0].planned += lost_planned
+        bucket, so the micro-batch keeps its tokens); a part with nothing readable is left out (its
+        skipped and bad samples counted on the first part). A micro-batch left with no part comes
+        out EMPTY (one part of 0 samples): the trainer skips the step. In a worker the parts travel
+        as Parcels, which the loader unpacks."""
+        built = [self._build(part) for part in req.parts]
+        parts = [(b, segs) for b, segs in built if len(b)]
+        lost = [b for b, _ in built if not len(b)]
+        if not parts:
+            parts, lost = [built[0]], lost[1:]
+        head = parts[0][0]
+        for b in lost:
+            head.skipped.extend(b.skipped)
+            head.bad.extend(b.bad)
+            head.planned += b.planned
         return PackedBatch([self._ship(b, segs) for b, segs in parts], req.stream_index)
 
-    def _build(self, req: BatchRequest, fallback: bool = True) -> tuple[LatentBatch | None, list[Segment]]:
+    def _build(self, req: BatchRequest) -> tuple[LatentBatch, list[Segment]]:
+        """The batch of a request and the pool buffers it lives in (none for an empty batch)."""
         segs: list[Segment] = []
+        self._found = []
         latents = self._buffer(len(req.indices), self.records[req.indices[0]], segs)
         loaded, skipped, lost_tasks = [], [], []  # loaded: (record index, task, y, mask)
         for i, task in zip(req.indices, req.tasks, strict=True):
-            text = self._load_into(i, latents[len(loaded)]) if i not in self.known_bad else None
+            text = self._load_into(i, latents[len(loaded)]) if not self.bad_flags[i] else None
             if text is None:
                 skipped.append(self.records[i].id)
                 lost_tasks.append(task)
@@ -149,24 +153,20 @@ class LatentDataset:
                 loaded.append((i, task, *text))
         if lost_tasks:
             self._refill(req, latents, loaded, lost_tasks)
-        bucket = req.bucket
         if not loaded:
             self._give_back(segs)
-            if not fallback:
-                return None, []
-            latents, loaded = self._fallback(req, segs)
-            bucket = self.records[loaded[0][0]].bucket
-        return self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs), segs
+            return self._empty(req, skipped), []
+        return self._collate(req, req.bucket, latents[: len(loaded)], loaded, skipped, segs), segs
 
     def _refill(self, req: BatchRequest, latents: torch.Tensor, loaded: list, lost_tasks: list[str]) -> None:
-        """Replace the lost samples by random others of the bucket (in place)."""
+        """Replace the lost samples by random others of the bucket, each with a lost one's task (in place)."""
         rng = np.random.default_rng([self.cfg.seed, req.stream_index])
         pool = self.by_bucket[req.bucket]
         for _ in range(max(8, 2 * len(req.indices))):
             if not lost_tasks:
                 return
             i = int(pool[rng.integers(len(pool))])
-            if i in self.known_bad or any(i == entry[0] for entry in loaded):
+            if self.bad_flags[i] or any(i == entry[0] for entry in loaded):
                 continue
             text = self._load_into(i, latents[len(loaded)])
             if text is not None:
@@ -175,29 +175,20 @@ class LatentDataset:
             log.warning(
                 f"batch {req.stream_index} ({req.bucket}) comes out with {len(loaded)} of "
                 f"{len(req.indices)} samples: no readable replacement found"
+                + ("; the step will be skipped" if not loaded else "")
             )
 
-    def _fallback(self, req: BatchRequest, segs: list[Segment]) -> tuple[torch.Tensor, list]:
-        """A one-sample batch from anywhere in the data, for a batch whose bucket gave nothing."""
-        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
-        for _ in range(32):
-            i = int(rng.integers(len(self.records)))
-            if i in self.known_bad:
-                continue
-            latents = self._buffer(1, self.records[i], segs)
-            text = self._load_into(i, latents[0])
-            if text is None:
-                self._give_back(segs)
-            else:
-                log.warning(
-                    f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
-                    f"using one sample of bucket {self.records[i].bucket}"
-                )
-                return latents, [(i, "t2i" if self.records[i].shape[0] == 1 else "t2v", *text)]
-        raise BadDataError(
-            f"batch {req.stream_index}: no readable sample in bucket {req.bucket} nor in 32 random "
-            f"draws from the whole dataset; run `mugv data check`"
-        )
+    def _empty(self, req: BatchRequest, skipped: list[str]) -> LatentBatch:
+        """A batch of 0 samples: nothing of its bucket was readable (the trainer skips the step)."""
+        rec = self.records[req.indices[0]]
+        t = rec.shape[0]
+        return LatentBatch(
+            latents=torch.empty(0, rec.channels, *rec.shape), y=torch.empty(0, 1, 0, 0),
+            mask=torch.empty(0, 0, dtype=torch.bool), x_mask=torch.empty(0, t, dtype=torch.bool),
+            fps=torch.empty(0), frame_indices=torch.empty(0, t + 2, dtype=torch.long),
+            pixel_size=torch.empty(0, 2, dtype=torch.long), tasks=[], bucket=req.bucket, ids=[], skipped=skipped,
+            planned=len(req.indices), stream_index=req.stream_index, bad=list(self._found),
+        )  # fmt: skip
 
     def _collate(
         self,
@@ -254,6 +245,7 @@ class LatentDataset:
             skipped=skipped,
             planned=len(req.indices),
             stream_index=req.stream_index,
+            bad=list(self._found),
         )
 
 

@@ -6,12 +6,17 @@
     ckpt["data"] = loader.state_dict() # small dict: sampler position + bad-sample counters
     loader.load_state_dict(ckpt["data"]); it = iter(loader)   # continues exactly there
     loader.metrics()                   # {"data/bad_samples": ..., "data/bad_fraction": ...}
+    loader.quarantine([(id, reason), ...])   # never draw these (e.g. the run's quarantine list)
+    loader.take_new_bad()              # bad samples found since the last call, to share and list
 
 A pairs dataset (`mugv prep --pairs`) is batched whole pairs at a time (mugv.data.pairs;
 `loader.paired`).
 
-Bad samples (see mugv.data.dataset) are counted here; past `max_bad_fraction` of the attempted
-samples (once `bad_grace_samples` were attempted) the run stops with BadDataError.
+Bad samples (see mugv.data.dataset) are counted here once by id: `bad_ids` holds every known bad
+sample (found here, or quarantined from elsewhere) with its reason, and the dataset's shared
+flags keep them from being drawn again. Past `max_bad_fraction` of the attempted samples (bad
+ones found by this loader; once `bad_grace_samples` were attempted) the run stops with
+BadDataError.
 
 Batches live in reused buffers (mugv.data.shm_pool; with workers, shared memory): a buffer is
 reused only once no tensor of the batch built on it is referenced, so batches may be kept as
@@ -84,8 +89,13 @@ class LatentLoader:
             self.dataset, units, unit_cfg = LatentDataset(self.records, cfg), self.records, cfg
         args = ([r.bucket for r in units], [r.task for r in units], unit_cfg, dp_rank, dp_size)
         self.sampler = PackedBatchSampler(*args, microbatches, cost) if cfg.packing else BucketBatchSampler(*args)
-        self.bad_samples = len(index_errors)
+        self.dataset.bad_flags.share_memory_()  # written by the workers, read by all of them
+        self.index_errors = len(index_errors)
+        self.bad_samples = len(index_errors)  # found by this loader (rows that could not be indexed too)
         self.attempted = len(index_errors)
+        self.bad_ids: dict[str, str] = {}  # every known bad sample id -> why
+        self.new_bad: list[tuple[str, str]] = []
+        self._index: dict[str, int] | None = None
         self.text_embeddings = self._text_embeddings()
         self.receiver: Receiver | None = None
 
@@ -127,7 +137,11 @@ class LatentLoader:
             yield batch
 
     def _account(self, batch: LatentBatch) -> None:
-        self.bad_samples += len(batch.skipped)
+        for sid, why in batch.bad:
+            if sid not in self.bad_ids:
+                self.bad_ids[sid] = why
+                self.bad_samples += 1
+                self.new_bad.append((sid, why))
         self.attempted += batch.planned
         frac = self.bad_samples / max(1, self.attempted)
         if self.attempted >= self.cfg.bad_grace_samples and frac > self.cfg.max_bad_fraction:
@@ -137,9 +151,23 @@ class LatentLoader:
                 f"Run `mugv data check` on {self.cfg.paths}"
             )
 
+    def quarantine(self, items) -> None:
+        """Never draw these samples ((id, reason) pairs; unknown ids are ignored)."""
+        if self._index is None:
+            self._index = {r.id: i for i, r in enumerate(self.records)}
+        for sid, why in items:
+            i = self._index.get(sid)
+            if i is not None:
+                self.dataset.bad_flags[i] = 1
+                self.bad_ids.setdefault(sid, why)
+
+    def take_new_bad(self) -> list[tuple[str, str]]:
+        out, self.new_bad = self.new_bad, []
+        return out
+
     def metrics(self) -> dict[str, float]:
         return {
-            "data/bad_samples": float(self.bad_samples),
+            "data/bad_samples": float(len(self.bad_ids) + self.index_errors),
             "data/attempted_samples": float(self.attempted),
             "data/bad_fraction": self.bad_samples / max(1, self.attempted),
         }
@@ -154,6 +182,12 @@ class LatentLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.bad_samples, self.attempted = int(state["bad_samples"]), int(state["attempted"])
+
+    def set_microbatches(self, microbatches: int) -> None:
+        """Micro-batches per rank and step from now on (a resume that keeps the global batch at
+        another DP size); the packed sampler plans whole steps with it."""
+        if isinstance(self.sampler, PackedBatchSampler):
+            self.sampler.microbatches = microbatches
 
     @property
     def epoch_batches(self) -> int:

@@ -12,9 +12,9 @@ then loads both clips of each planned pair next to each other: batch sample 2k i
 clip, 2k + 1 its rejected clip (`batch.paired`), so a pair always lands in one micro-batch.
 
 Bad samples: a pair with an unreadable clip is left out whole, its bad clip(s) listed in
-`batch.skipped`, and replaced by another pair of its bucket (deterministic draws, as
-mugv.data.dataset refills samples); a bucket with nothing readable gives one pair from anywhere,
-else BadDataError.
+`batch.skipped` (and `batch.bad`, flagged so that they are not drawn again), and replaced by
+another pair of its bucket (deterministic draws, as mugv.data.dataset refills samples); a bucket
+with nothing readable gives an empty batch, whose step the trainer skips.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import dataclasses
 
 import numpy as np
 
-from mugv.data.batch import TENSOR_FIELDS
 from mugv.data.config import DataConfig
-from mugv.data.dataset import BadDataError, LatentDataset
+from mugv.data.dataset import LatentDataset
 from mugv.data.sampler import BatchRequest
-from mugv.data.shm_pool import pack
 from mugv.data.store import SampleRecord
 from mugv.utils.logging import get_logger
 
@@ -99,7 +97,7 @@ class PairDataset(LatentDataset):
         `skipped`, unless None) if either is unreadable."""
         k, texts = len(loaded), []
         for j, i in enumerate(self.pairs[p]):
-            text = self._load_into(i, latents[k + j]) if i not in self.known_bad else None
+            text = self._load_into(i, latents[k + j]) if not self.bad_flags[i] else None
             if text is None and skipped is not None:
                 skipped.append(self.records[i].id)
             texts.append(text)
@@ -110,6 +108,7 @@ class PairDataset(LatentDataset):
 
     def __getitem__(self, req: BatchRequest):
         segs = []
+        self._found = []
         first = self.records[self.pairs[req.indices[0]][0]]
         latents = self._buffer(2 * len(req.indices), first, segs)  # [2P, C, T, H, W]
         loaded, skipped, lost = [], [], []
@@ -118,15 +117,12 @@ class PairDataset(LatentDataset):
                 lost.append(task)
         if lost:
             self._refill_pairs(req, req.bucket, latents, loaded, lost)
-        bucket = req.bucket
-        if not loaded:
+        if loaded:
+            batch = self._collate(req, req.bucket, latents[: len(loaded)], loaded, skipped, segs)
+        else:
             self._give_back(segs)
-            latents, bucket = self._fallback_pair(req, loaded, segs)
-        batch = self._collate(req, bucket, latents[: len(loaded)], loaded, skipped, segs)
-        batch = dataclasses.replace(batch, planned=2 * len(req.indices), paired=True)
-        if self._pool.shared and self.pool_flags is not None:
-            return pack(batch, TENSOR_FIELDS, segs, self._pool.worker)
-        return batch
+            batch = self._empty(dataclasses.replace(req, indices=self.pairs[req.indices[0]]), skipped)
+        return self._ship(dataclasses.replace(batch, planned=2 * len(req.indices), paired=True), segs)
 
     def _refill_pairs(self, req: BatchRequest, bucket: str, latents, loaded: list, lost: list[str]) -> None:
         rng = np.random.default_rng([self.cfg.seed, req.stream_index])
@@ -135,27 +131,10 @@ class PairDataset(LatentDataset):
             if not lost:
                 return
             p = int(pool[rng.integers(len(pool))])
-            if any(i in self.known_bad for i in self.pairs[p]) or any(self.pairs[p][0] == e[0] for e in loaded):
+            if any(self.bad_flags[i] for i in self.pairs[p]) or any(self.pairs[p][0] == e[0] for e in loaded):
                 continue
             if self._load_pair(p, lost[0], latents, loaded, None):
                 lost.pop(0)
         if lost:
                 log.warning(f"batch {req.stream_index} ({bucket}) comes out with {len(loaded) // 2} of "
                         f"{len(req.indices)} pairs: no readable replacement found")
-
-    def _fallback_pair(self, req: BatchRequest, loaded: list, segs) -> tuple:
-        """One pair from anywhere in the data, for a batch whose bucket gave nothing."""
-        rng = np.random.default_rng([self.cfg.seed, req.stream_index, 1])
-        for _ in range(32):
-            p = int(rng.integers(len(self.pairs)))
-            if any(i in self.known_bad for i in self.pairs[p]):
-                continue
-            rec = self.records[self.pairs[p][0]]
-            latents = self._buffer(2, rec, segs)
-            if self._load_pair(p, "t2i" if rec.shape[0] == 1 else "t2v", latents, loaded, None):
-                log.warning(f"batch {req.stream_index}: nothing readable in bucket {req.bucket}; "
-                            f"using one pair of bucket {rec.bucket}")
-                return latents, rec.bucket
-            self._give_back(segs)
-        raise BadDataError(f"batch {req.stream_index}: no readable pair in bucket {req.bucket} nor in 32 random "
-                           "draws from the whole dataset; run `mugv data check`")

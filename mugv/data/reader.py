@@ -22,6 +22,13 @@ _DTYPES = {
     "I32": torch.int32,
     "U8": torch.uint8,
 }
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _float_or_raise(path: str, key: str, dtype: str) -> None:
+    """Latents and text features are float; an integer tensor would be silently converted."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{path}: {key} is stored as {dtype}, not a float type")
 
 
 class _Shard:
@@ -103,10 +110,15 @@ class TensorReader:
         Raises on any problem. normalize=False leaves release "real" latents raw."""
         if rec.latent_key:
             shard = self._shard(rec.latent_file)
+            for key in (rec.latent_key, rec.y_key):
+                if key in shard.entries:
+                    _float_or_raise(rec.latent_file, key, shard.entries[key][0])
             shard.read(rec.latent_key, out)
             y, mask = shard.read(rec.y_key), shard.read(rec.mask_key).bool()
         else:
             latent = load_pt_latent(rec.latent_file)
+            if not latent.is_floating_point():
+                raise ValueError(f"{rec.latent_file}: the latent is stored as {latent.dtype}, not a float type")
             if tuple(latent.shape) != tuple(out.shape):
                 raise ValueError(f"{rec.latent_file}: shape {list(latent.shape)}, expected {list(out.shape)}")
             out.copy_(latent)
@@ -116,6 +128,8 @@ class TensorReader:
             text = torch.load(rec.text_file, map_location="cpu", weights_only=True)
             if not isinstance(text, dict) or "y" not in text or "mask" not in text:
                 raise ValueError(f"{rec.text_file}: expected a dict with keys 'y' and 'mask'")
+            if not text["y"].is_floating_point():
+                raise ValueError(f"{rec.text_file}: y is stored as {text['y'].dtype}, not a float type")
             y, mask = text["y"].reshape(-1, text["y"].shape[-1]).float(), text["mask"].reshape(-1).bool()
         if y.dim() != 2 or mask.shape != y.shape[:1]:
             raise ValueError(

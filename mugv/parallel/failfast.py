@@ -7,15 +7,20 @@ the job's rendezvous store, and exits the process at once (non-zero, no barrier,
 that could block). Every rank runs a small watcher thread that polls that key; when it
 appears, the watcher logs which rank failed and why, and exits its own process the same way. A
 rank that dies without raising (a signal, OOM kill) is left to the launcher (torchrun stops
-the others when a worker exits non-zero).
+the others when a worker exits non-zero) and to the hang watchdog (mugv.parallel.watchdog),
+which posts its finding with `abort(reason, stacks=True)`: then every rank dumps the Python
+stacks of all its threads (faulthandler) before it exits. `at_exit(fn)` registers a cleanup
+(e.g. releasing the run lock) that runs before such an exit.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch.distributed as dist
@@ -25,6 +30,34 @@ from mugv.utils.logging import get_logger
 log = get_logger("failfast")
 ABORT_KEY = f"mugv/abort/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one per torchrun attempt
 EXIT_CODE = 3
+STACKS = "[stacks] "  # an abort reason with this prefix makes every rank dump its stacks
+_AT_EXIT: list[Callable[[], None]] = []
+
+
+def at_exit(fn: Callable[[], None]) -> None:
+    """Run fn (best effort) before this process exits through fail-fast."""
+    _AT_EXIT.append(fn)
+
+
+def dump_stacks(header: str) -> None:
+    """Every thread's Python stack of this process to stderr."""
+    print(header, file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+
+
+def abort(reason: str, stacks: bool = False) -> None:
+    """End every rank: post `reason` for the others' watchers, then exit this process."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    store = _store() if dist.is_initialized() else None
+    if store is not None:
+        try:
+            store.set(ABORT_KEY, (STACKS if stacks else "") + reason)
+        except Exception:
+            pass
+    if stacks:
+        dump_stacks(f"[rank {rank}] Python stacks at the abort:")
+    _exit(f"[rank {rank}] {reason}")
 
 
 def _store():
@@ -35,6 +68,11 @@ def _store():
 
 
 def _exit(message: str) -> None:
+    for fn in _AT_EXIT:
+        try:
+            fn()
+        except Exception:
+            pass
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_CODE)
@@ -47,6 +85,9 @@ def _watch(stop: threading.Event, poll_s: float) -> None:
             store = store or (_store() if dist.is_initialized() else None)
             if store is not None and store.check([ABORT_KEY]):
                 reason = store.get(ABORT_KEY).decode(errors="replace")
+                if reason.startswith(STACKS):
+                    reason = reason[len(STACKS) :]
+                    dump_stacks(f"[rank {dist.get_rank()}] Python stacks at the abort:")
                 _exit(f"[rank {dist.get_rank()}] aborting: {reason}")
         except Exception:  # the store went away: the job is ending anyway
             return

@@ -1,16 +1,17 @@
 """Starting processes: the one place that builds torchrun commands, picks free ports and spawns ranks.
 
     cmd = Rendezvous.from_env(os.environ).command(2, ["train", "cfg.yaml"], rdzv_id="stage")
-    rc, signum = run_relayed(cmd, os.environ)       # torchrun in its own session, signals relayed
+    rc = SignalRelay().run(cmd, os.environ)        # the agent in its own session, signals forwarded
     results = spawn(fn, 2, arg)                     # fn(rank, world, arg) on 2 local processes
 
 `Rendezvous` is where torchrun meets its peers: `--standalone` on one machine, or c10d at
 MASTER_ADDR:MASTER_PORT when NNODES (with NODE_RANK, MASTER_ADDR, MASTER_PORT) is set. The
-command always runs `python -m mugv.cli.main <args>` on every process.
+command runs torchrun under mugv.parallel.agent (which turns SIGTERM / SIGUSR1 / SIGINT into
+"save and stop" for the workers instead of torchrun's kill, and stops them when the launcher
+dies) with `python -m mugv.cli.main <args>` on every process.
 
-`run_relayed` starts a launcher (torchrun) in a session of its own and relays SIGTERM / SIGUSR1
-to its direct children -- the training processes, which finish the step, save and exit --
-instead of leaving them to torchrun, which kills them 30 s later; SIGINT goes to torchrun.
+`SignalRelay.run` starts the agent in a session of its own (a Ctrl-C or a signal to the
+launcher's process group does not reach it twice) and forwards SIGTERM / SIGUSR1 / SIGINT to it.
 
 `spawn` runs a picklable function on N fresh local processes (spawn, or a fork server with
 modules preloaded), each with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mugv.config import ConfigError
+from mugv.parallel.agent import STOP_SIGNALS, kill
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LOCALHOST = "127.0.0.1"
@@ -106,9 +108,16 @@ class Rendezvous:
         """The rendezvous each node of an `nnodes` job would use, with shell variables (dry runs)."""
         return cls(nnodes, "$NODE_RANK", "$MASTER_ADDR:$MASTER_PORT")
 
-    def command(self, nproc: int, args: Sequence[str], rdzv_id: str = "mugv") -> list[str]:
-        """`python -m torch.distributed.run ... -m mugv.cli.main <args>` with nproc processes here."""
-        cmd = [sys.executable, "-m", "torch.distributed.run"]
+    def command(self, nproc: int, args: Sequence[str], rdzv_id: str = "mugv", max_restarts: int = 0,
+                orphan_grace_s: float | None = None) -> list[str]:
+        """`python -m mugv.parallel.agent ... -m mugv.cli.main <args>`: torchrun (under the agent's
+        signal handling) with nproc processes here, restarting them all up to max_restarts times
+        when one fails."""
+        cmd = [sys.executable, "-m", "mugv.parallel.agent"]
+        if orphan_grace_s is not None:
+            cmd.append(f"--orphan-grace={orphan_grace_s:g}")
+        if max_restarts:
+            cmd.append(f"--max-restarts={max_restarts}")
         if self.endpoint:
             cmd += [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={rdzv_id}"]  # fmt: skip
@@ -138,58 +147,33 @@ def launch_env(env: Mapping[str, str], nproc: int) -> dict[str, str]:
 
 
 class SignalRelay:
-    """Runs a launcher in its own session; SIGTERM / SIGUSR1 go to its children (the training
-    processes, which save and exit), SIGINT to the launcher (which stops them). `received` is the
-    last signal relayed (None if none)."""
+    """Runs a launcher (the agent, mugv.parallel.agent) in a session of its own and forwards SIGTERM,
+    SIGUSR1 and SIGINT to it: the agent relays them to the training processes, which finish the
+    step, save and exit (a second SIGINT makes it kill them). `received` is the last signal
+    forwarded (None if none)."""
 
     def __init__(self):
         self.received: int | None = None
         self._proc: subprocess.Popen | None = None
 
-    def _relay(self, signum, frame) -> None:
+    def _forward(self, signum, frame) -> None:
         self.received = signum
         if self._proc is not None:
-            for pid in _children(self._proc.pid) or [self._proc.pid]:
-                _kill(pid, signum)
-
-    def _interrupt(self, signum, frame) -> None:
-        self.received = signum
-        if self._proc is not None:
-            _kill(self._proc.pid, signal.SIGINT)
+            kill(self._proc.pid, signum)
 
     def run(self, cmd: list[str], env: Mapping[str, str]) -> int:
-        handlers = {signal.SIGTERM: self._relay, signal.SIGUSR1: self._relay, signal.SIGINT: self._interrupt}
         main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, h) for s, h in handlers.items()} if main else {}
+        previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS} if main else {}
         try:
             self._proc = subprocess.Popen(cmd, env=dict(env), start_new_session=True)
             return self._proc.wait()
         finally:
             if self._proc is not None and self._proc.poll() is None:  # we are unwinding: stop it
-                _kill(self._proc.pid, signal.SIGINT)
+                kill(self._proc.pid, signal.SIGTERM)
                 self._proc.wait()
             self._proc = None
             for s, h in previous.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of a process (Linux /proc); [] where that is not available."""
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    return out
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------

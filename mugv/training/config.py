@@ -135,6 +135,13 @@ class TrainSection:
     shift_ratio: float = 0.0
     max_nonfinite_in_row: int = 5  # stop after this many consecutive non-finite steps
     time_budget_minutes: float = 0.0  # save and exit cleanly after this wall time (0 = none)
+    # restart every process this many times when one fails (torchrun's restarts: each resumes from
+    # the latest complete checkpoint); a divergence or too much bad data is not restarted
+    max_restarts: int = 0
+    # resuming at another data-parallel size: change train.microbatches so that DP x microbatches
+    # stays what the checkpoint had (where that divides); false: keep train.microbatches (a warning says
+    # how the global batch changed)
+    keep_global_batch: bool = True
     init_from: str = ""  # checkpoint to start from when the run has none (stage hand-over)
     init_load_optimizer: bool = False  # with init_from: also take its optimizer state
     init_use_ema: bool = False  # start from the EMA weights of init_from
@@ -175,8 +182,29 @@ class CheckpointConfig:
     """Checkpoint cadence and retention (Megatron dist_checkpointing, layout-independent)."""
 
     interval: int = 1000  # steps; 0 = only at the end / on signals
-    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    # complete checkpoints kept (older ones are deleted), plus the newest one whose loss was seen to be
+    # normal (the newest is not known to be healthy when it is saved: a divergence may not prune it)
+    keep_last: int = 3
     async_save: bool = False  # write shards in a background process while training continues
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang detection (a hung job fails with every rank's stack and the slow rank named) and orphans.
+
+    See mugv.parallel.watchdog."""
+
+    step_factor: float = 10.0  # a step slower than this x the median of recent steps is a hang (0 = off)
+    min_step_s: float = 300.0  # ... but never one shorter than this
+    first_step_s: float = 1800.0  # limit of the first 3 steps (compilation, warm-up)
+    save_s: float = 3600.0  # limit of what runs between steps (a checkpoint save, a preview)
+    orphan_grace_s: float = 120.0  # the launcher died: time to save and stop before processes are killed
+
+    def validate(self) -> None:
+        _check(self.step_factor == 0 or self.step_factor > 1,
+               f"watchdog.step_factor = {self.step_factor} must be > 1 (or 0 = off)")  # fmt: skip
+        for name in ("min_step_s", "first_step_s", "save_s", "orphan_grace_s"):
+            _check(getattr(self, name) > 0, f"watchdog.{name} = {getattr(self, name)} must be > 0")
 
 
 @dataclass
@@ -225,6 +253,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def validate(self) -> None:
         """Every required field and cross-field rule, at load (before any process starts)."""
@@ -251,6 +280,8 @@ class TrainConfig:
         _check(t.shift_ratio >= 0, f"train.shift_ratio = {t.shift_ratio} must be >= 0 (0 = size-based)")
         _check(t.max_nonfinite_in_row >= 1, f"train.max_nonfinite_in_row = {t.max_nonfinite_in_row} must be >= 1")
         _check(t.time_budget_minutes >= 0, f"train.time_budget_minutes = {t.time_budget_minutes} must be >= 0")
+        _check(t.max_restarts >= 0, f"train.max_restarts = {t.max_restarts} must be >= 0")
+        self.watchdog.validate()
         _check(bool(t.init_from) or not (t.init_load_optimizer or t.init_use_ema),
                "train.init_load_optimizer / train.init_use_ema need train.init_from")  # fmt: skip
         self.lora.validate()

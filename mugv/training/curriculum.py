@@ -33,9 +33,11 @@ Launch: on one machine torchrun runs `--standalone`. For several nodes, run the 
 every node (scripts/train_multi_node.sh, scripts/train_slurm.sbatch) with NNODES, NODE_RANK,
 MASTER_ADDR and MASTER_PORT set; each stage then uses c10d rendezvous at MASTER_ADDR:MASTER_PORT
 with rendezvous id = the stage name, and must ask for exactly NNODES nodes. Run dirs must be on
-a file system all nodes share. SIGTERM / SIGUSR1 received by the curriculum process are relayed
-to the training processes themselves (torchrun would give them only 30 s), so they finish the
-step, save and exit; no later stage is started after such a signal.
+a file system all nodes share. SIGTERM / SIGUSR1 / SIGINT received by the curriculum process go
+to the stage's agent (mugv.parallel.agent), which has the training processes finish the step,
+save and exit; no later stage is started after such a signal. A stage whose run directory a
+live run holds is refused (mugv.utils.runlock); train.max_restarts of a stage is torchrun's
+restart count for it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from mugv.config import ConfigError, find_config, load_config
 from mugv.parallel.launch import Rendezvous, SignalRelay, launch_env
 from mugv.training.config import TrainConfig
 from mugv.utils.logging import get_logger
+from mugv.utils.runlock import check_free
 
 log = get_logger("curriculum")
 RESERVED = ("run_dir", "train.init_from", "train.init_load_optimizer", "train.init_use_ema")
@@ -183,7 +186,9 @@ def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] 
 
 def stage_command(rendezvous: Rendezvous, stage: Stage) -> list[str]:
     """The torchrun command of a stage (rendezvous id = the stage name)."""
-    return rendezvous.command(stage.nproc, ["train", stage.config_path, *stage.overrides], rdzv_id=stage.name)
+    return rendezvous.command(stage.nproc, ["train", stage.config_path, *stage.overrides], rdzv_id=stage.name,
+                              max_restarts=stage.cfg.train.max_restarts,
+                              orphan_grace_s=stage.cfg.watchdog.orphan_grace_s)
 
 
 def checkpoint_step(run_dir: str) -> int | None:
@@ -245,8 +250,12 @@ def run_curriculum(
             if step is not None
             else f"from {stage.cfg.train.init_from or 'scratch'}"
         )
+        stage_env = launch_env(env, stage.nproc)
+        if rendezvous.endpoint:  # the run lock's job id, the same on every node
+            stage_env.setdefault("MUGV_JOB_ID", f"{rendezvous.endpoint}/{stage.name}")
+        check_free(run_dir, stage_env.get("MUGV_JOB_ID", ""))
         log.info(f"stage {stage.name}: {stage.world_size} processes, {what} -> {run_dir}")
-        rc = relay.run(cmd, launch_env(env, stage.nproc))
+        rc = relay.run(cmd, stage_env)
         step = checkpoint_step(run_dir)
         if rc == 0 and rendezvous.endpoint and (step is None or step < steps) and not relay.received:
             step = _wait_for_step(run_dir, steps)

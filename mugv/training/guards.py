@@ -1,7 +1,7 @@
 """Stop rules of the training loop: non-finite steps, pre-emption signals and a wall-time budget.
 
     guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
-    signals = StopSignals()                               # SIGTERM / SIGUSR1 set a flag
+    signals = StopSignals()                               # SIGTERM / SIGUSR1 / SIGINT set a flag
     budget = TimeBudget(cfg.train.time_budget_minutes)
     ...
         apply = guard.check(step, loss, grad_norm, batch.ids)   # collective when distributed
@@ -35,14 +35,19 @@ def agree(flag: bool, group: Any = None) -> bool:
 
     Without an initialised process group this is `flag` itself. Collective: every rank of the
     group must call it at the same point."""
+    return agree_all([flag], group)[0]
+
+
+def agree_all(flags: Sequence[bool], group: Any = None) -> list[bool]:
+    """`agree` for several flags in one all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
+        return [bool(f) for f in flags]
     device = torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _finite(value: Any) -> bool:
@@ -58,6 +63,15 @@ def _show_ids(ids: Sequence[str]) -> str:
     shown = list(ids[:_MAX_IDS_SHOWN])
     more = f" (+{len(ids) - len(shown)} more)" if len(ids) > len(shown) else ""
     return f"{shown}{more}"
+
+
+class DivergenceError(RuntimeError):
+    """max_in_row consecutive non-finite steps; `first_step` is the first of them (the number of
+    updates applied before it: a checkpoint of that many steps or more holds the diverged state)."""
+
+    def __init__(self, message: str, first_step: int):
+        super().__init__(message)
+        self.first_step = first_step
 
 
 class NonFiniteGuard:
@@ -77,7 +91,7 @@ class NonFiniteGuard:
         self._recent: list[tuple[int, list[str]]] = []  # (step, this rank's ids) of the current run
 
     def check(self, step: int, loss: Any, grad_norm: Any, sample_ids: Sequence[str]) -> bool:
-        """Collective when distributed (see `agree`). Raises RuntimeError on the max_in_row-th
+        """Collective when distributed (see `agree`). Raises DivergenceError on the max_in_row-th
         consecutive non-finite step, naming the steps and this rank's sample ids."""
         local_bad = not (_finite(loss) and _finite(grad_norm))
         if local_bad:
@@ -94,9 +108,10 @@ class NonFiniteGuard:
         self._recent.append((step, list(sample_ids)))
         if self.in_row >= self.max_in_row:
             history = "; ".join(f"step {s}: {_show_ids(ids)}" for s, ids in self._recent)
-            raise RuntimeError(
+            raise DivergenceError(
                 f"step {step}: {self.in_row} consecutive steps with a non-finite loss or grad norm "
-                f"(train.max_nonfinite_in_row={self.max_in_row}); samples on this rank: {history}"
+                f"(train.max_nonfinite_in_row={self.max_in_row}); samples on this rank: {history}",
+                self._recent[0][0],
             )
         return False
 
@@ -118,23 +133,35 @@ def _fmt(value: Any) -> str:
 
 
 class StopSignals:
-    """Sets a flag on SIGTERM / SIGUSR1 (Slurm pre-emption); the handler does nothing else.
+    """Sets a flag on SIGTERM / SIGUSR1 (pre-emption) and on the first SIGINT (Ctrl-C); the
+    handler does nothing else. A second SIGINT kills the process at once (the default action is
+    restored after the first). `request(reason)` sets the flag from code (e.g. the launcher died).
 
-    Install from the main thread. `uninstall` restores the previous handlers."""
+    Install from the main thread. Installing also unblocks these signals: under the agent
+    (mugv.parallel.agent) workers start with them blocked, so that one sent while the process was
+    starting is delivered now instead of killing it. `uninstall` restores the previous handlers."""
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.signals = tuple(signals)
-        self._received: int | None = None
+        self._received: int | str | None = None
         self._previous: dict[int, Any] = {}
         self.install()
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self._received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C aborts
+        if self._received is None:
+            self._received = signum
+
+    def request(self, reason: str) -> None:
+        if self._received is None:
+            self._received = reason
 
     def install(self) -> None:
         for s in self.signals:
             if s not in self._previous:
                 self._previous[s] = signal.signal(s, self._handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def uninstall(self) -> None:
         for s, previous in self._previous.items():
@@ -147,7 +174,9 @@ class StopSignals:
 
     @property
     def signal_name(self) -> str | None:
-        return None if self._received is None else signal.Signals(self._received).name
+        if self._received is None or isinstance(self._received, str):
+            return self._received
+        return signal.Signals(self._received).name
 
     def __enter__(self) -> StopSignals:
         return self

@@ -176,14 +176,18 @@ class MetricsLogger:
 
     # ---- logging ----
 
-    def maybe_log(self, step: int) -> dict[str, float] | None:
-        """Log if `step` (updates done) is a multiple of the interval or the last step. Call on
-        every rank: the reduction is collective. Returns the logged values on rank 0."""
-        if step % self.cfg.interval and step != self.total_steps:
-            return None
-        return self.log(step)
+    def due(self, step: int) -> bool:
+        """Whether maybe_log(step) logs: `step` (updates done) is a multiple of the interval or the last."""
+        return step % self.cfg.interval == 0 or step == self.total_steps
 
-    def log(self, step: int) -> dict[str, float] | None:
+    def maybe_log(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float] | None:
+        """Log if due(step). Call on every rank: the reduction is collective. `extra`: more values
+        for rank 0 to log (data faults, straggler times). Returns the logged values on rank 0."""
+        if not self.due(step):
+            return None
+        return self.log(step, extra)
+
+    def log(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float] | None:
         keys = self._loss_keys()
         counters = torch.tensor([self._window[k] for k in _COUNTERS], dtype=torch.float64)
         vec = torch.cat([counters.to(self.device), self._loss_vector(keys), self._values_vector()])  # [3 + 2K + 2V]
@@ -204,6 +208,7 @@ class MetricsLogger:
         self._reset_window()
         if self.rank != 0:
             return None
+        values.update(extra or {})
         self._log.info(self._line(step, values))
         self._write_scalars(step, values)
         return values
@@ -263,6 +268,11 @@ class MetricsLogger:
         parts += [f"{key.split('/')[-1].replace('_', ' ')} {v[key]:.4f}" for key in self.value_keys if key in v]
         if v["optim/skipped_steps"]:
             parts.append(f"skipped {int(v['optim/skipped_steps'])}")
+        if v.get("data/bad_samples") or v.get("data/skipped_steps"):
+            parts.append(f"bad samples {int(v['data/bad_samples'])}, steps without data {int(v['data/skipped_steps'])}")
+        if "straggler/slowest_rank" in v:
+            parts.append(f"slowest rank {int(v['straggler/slowest_rank'])} ({v['straggler/compute_s_max']:.3f} s "
+                         f"compute, median {v['straggler/compute_s_median']:.3f} s)")  # fmt: skip
         parts.append(f"ETA {_duration(v['progress/eta_s'])}")
         return " | ".join(parts)
 

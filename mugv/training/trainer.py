@@ -1,6 +1,11 @@
-"""The training loop. Side concerns (checkpoints, EMA, metrics, signals) are objects; the model
-is met only through the forward-step function (mugv.training.step) and the objective it calls
-(mugv.training.objective; with Flow-DPO also a reference model, mugv.training.reference)."""
+"""The training loop. Side concerns (checkpoints, EMA, metrics, signals, the run lock, the hang
+watchdog) are objects; the model is met only through the forward-step function
+(mugv.training.step) and the objective it calls (mugv.training.objective; with Flow-DPO also a
+reference model, mugv.training.reference). Reliability (README "Reliability"): one run per run directory (rank 0 holds
+<run_dir>/.lock); a resume takes the newest checkpoint that verifies (mugv.training.recovery); a
+step whose micro-batch came out empty is skipped on every rank and counted; a divergence leaves
+`latest` at the last healthy checkpoint; bad samples are shared at log steps and listed in
+<run_dir>/quarantine.jsonl; per-rank step times go to the metrics."""
 
 from __future__ import annotations
 
@@ -13,35 +18,60 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
-from mugv.checkpoint import latest_checkpoint, resolve
-from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
+from mugv.checkpoint import resolve
+from mugv.checkpoint.checkpointer import CheckpointCorruptError, Checkpointer, load_checkpoint
+from mugv.checkpoint.locate import set_aside, write_latest
 from mugv.checkpoint.lora import LORA_RECORD, read_lora_record
 from mugv.config import to_dict
+from mugv.data.dataset import BadDataError
 from mugv.data.loader import LatentLoader
 from mugv.models.flops import sample_cost
 from mugv.models.megatron import packed_sequence_length, padded_sequence_length
+from mugv.parallel import failfast
 from mugv.parallel.failfast import fail_fast
 from mugv.parallel.runtime import init_distributed
+from mugv.parallel.watchdog import RankWatchdog
 from mugv.training import lora
 from mugv.training.build import build_megatron_config, build_model, build_optimizer
 from mugv.training.config import TrainConfig
+from mugv.training.datafaults import DataFaults
 from mugv.training.ema import ShardedEMA
-from mugv.training.guards import NonFiniteGuard, StopSignals, TimeBudget, agree
+from mugv.training.guards import DivergenceError, NonFiniteGuard, StopSignals, TimeBudget, agree_all
 from mugv.training.metrics import MetricsLogger, dp_sum
 from mugv.training.objective import make_objective
 from mugv.training.preview import Previewer
+from mugv.training.recovery import (
+    StopMarker,
+    abnormal,
+    keep_healthy,
+    last_healthy_step,
+    microbatches_for,
+    resume_candidates,
+)
 from mugv.training.reference import make_reference
 from mugv.training.schedule import LRSchedule
 from mugv.training.step import DiTForwardStep
+from mugv.training.straggler import StepTimes
 from mugv.utils.logging import get_logger
+from mugv.utils.runlock import RunLock, job_id
 
 log = get_logger("train")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg, p = cfg, cfg.parallel
         self.dist = init_distributed(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
+        self.lock = RunLock(cfg.run_dir, job_id(os.environ)) if self.dist.rank == 0 else None
+        if self.lock is not None:  # before anything is written into the run directory
+            self.lock.acquire()
+            failfast.at_exit(self.lock.release)
+            StopMarker(cfg.run_dir).check()
         self.dit = cfg.model.build()
         self.mcfg = build_megatron_config(cfg, self.dit)
         self.model = build_model(cfg, self.mcfg, self.dist.device)
@@ -50,6 +80,7 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         self.data = LatentLoader(cfg.data, dp_rank, parallel_state.get_data_parallel_world_size(),
                                  cfg.train.microbatches, sample_cost(self.dit, cfg.data.text_len))
+        self.faults = DataFaults(self.data, cfg, self.dist.rank, self.dist.world_size)
         self.objective = make_objective(cfg.train, cfg.dpo, self.data.text_embeddings.get("null"))
         if self.data.paired != (self.objective.group == 2):
             raise ValueError(f"data.paths {cfg.data.paths}: " + (
@@ -65,6 +96,10 @@ class Trainer:
                                  config_yaml, async_save=cfg.checkpoint.async_save)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
         self.signals, self.budget = StopSignals(), TimeBudget(cfg.train.time_budget_minutes)
+        self.watchdog = RankWatchdog(cfg.watchdog, on_orphan=self.signals.request)
+        self.times = StepTimes(self.dist.rank, self.dist.world_size, cfg.run_dir, self.dist.device)
+        self._finalize_grads, self.mcfg.finalize_model_grads_func = self.mcfg.finalize_model_grads_func, self._grad_sync
+        self._t_sync = 0.0
         self.preview = Previewer(cfg.preview, cfg.run_dir, shift_ratio=cfg.train.shift_ratio)
         self.step = 0
         self.resumed, self.resumed_metrics = False, None
@@ -84,23 +119,44 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "guard": self.guard.state_dict(),
             "metrics": self.metrics.state_dict(),
+            "global_microbatches": parallel_state.get_data_parallel_world_size() * self.cfg.train.microbatches,
+            "skipped_data_steps": self.faults.skipped_steps,
         }
 
     def resume(self) -> None:
-        """Continue this run from its latest complete checkpoint, else start from train.init_from."""
+        """Continue this run from its newest checkpoint that verifies (one that does not is set aside
+        as *.corrupt, naming its bad files), else start from train.init_from."""
         self.resumed = True
-        path = latest_checkpoint(self.ckpt.root)
+        path, skipped = None, []
+        for candidate in resume_candidates(self.ckpt.root):
+            try:
+                record = self._frozen_base(candidate)
+                common = load_checkpoint(candidate, self.model, self.optimizer, self.ema)
+            except CheckpointCorruptError as err:
+                if os.path.abspath(err.path) != os.path.abspath(candidate):  # e.g. a LoRA run's base
+                    raise
+                log.error(f"{err}; setting it aside and trying the checkpoint before it")
+                if self.dist.rank == 0:
+                    skipped.append(set_aside(candidate, "corrupt"))
+                _barrier()
+                continue
+            path = candidate
+            break
         if path:
-            if self.cfg.lora.rank:  # the frozen base first, from where the run's lora.json says
-                self.ckpt.files[LORA_RECORD] = lora.resume_base(self.cfg, path, self.model)
-            else:
-                lora.check_no_lora(path)
-            common = load_checkpoint(path, self.model, self.optimizer, self.ema)
+            if record is not None:
+                self.ckpt.files[LORA_RECORD] = record
+            if skipped and self.dist.rank == 0:
+                write_latest(self.ckpt.root, os.path.basename(path))
+                log.warning(f"resuming from {path}, the newest checkpoint that verifies (set aside: {skipped})")
             self.step = int(common["step"])
             self.data.load_state_dict(common["data"])
             self.schedule.load_state_dict(common["schedule"])
             self.guard.load_state_dict(common["guard"])
             self.resumed_metrics = common["metrics"]
+            self.faults.skipped_steps = int(common.get("skipped_data_steps", 0))
+            dp = parallel_state.get_data_parallel_world_size()
+            self.cfg.train.microbatches = microbatches_for(self.cfg, common.get("global_microbatches"), dp)
+            self.data.set_microbatches(self.cfg.train.microbatches)
             log.info(f"resumed from {path} at step {self.step}")
         elif self.cfg.train.init_from:
             t = self.cfg.train
@@ -123,6 +179,14 @@ class Trainer:
             log.info(f"initialised from {path} ({'EMA' if t.init_use_ema else 'raw'} weights)")
         if self.reference is not None and self.cfg.train.init_from:  # the weights the run started from
             self.reference.load(resolve(self.cfg.train.init_from), use_ema=self.cfg.train.init_use_ema)
+
+    def _frozen_base(self, path: str) -> dict | None:
+        """A LoRA run's resume: load the frozen base that checkpoint `path`'s lora.json names, and
+        return that record; a full-parameter run refuses a LoRA checkpoint."""
+        if self.cfg.lora.rank:
+            return lora.resume_base(self.cfg, path, self.model)
+        lora.check_no_lora(path)
+        return None
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -174,6 +238,12 @@ class Trainer:
             value_keys=self.objective.metric_keys, flops_factor=self.objective.flops_factor,
         )
 
+    def _grad_sync(self, *args, **kwargs):
+        """Megatron's finalize_model_grads_func, wrapped: this rank's compute of the step is done."""
+        self._t_sync = time.perf_counter()
+        self.watchdog.mark(self.step, "sync")
+        return self._finalize_grads(*args, **kwargs)
+
     def run(self) -> int:
         if not self.resumed:
             self.resume()
@@ -184,36 +254,75 @@ class Trainer:
         self.metrics.reset_timer()
         total, M = self.cfg.train.steps, self.cfg.train.microbatches
         data = iter(self.data)
-        while self.step < total:
-            t0 = time.perf_counter()
-            batches = [next(data) for _ in range(M)]
-            t_data = time.perf_counter() - t0
-            out = self.train_step([b.to(self.dist.device) for b in batches])
-            if self.records_metrics:  # host copies of the batches: no device sync for text lengths
-                for b, r in zip(batches, out["results"]):
-                    k = 0
-                    for p in b.parts:
-                        self.metrics.record_samples(r["per_sample"][k : k + len(p)], p.tasks, p.bucket,
-                                                    tuple(p.latents.shape[2:]), p.mask.sum(1).tolist())
-                        k += len(p)
-                    self.metrics.record_values(r["values"])
-            self.step += 1
-            self.history.append(out["loss"])
-            self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
-            self.logged.append(self.metrics.maybe_log(self.step))
-            stop = agree(self.signals.requested or self.budget.expired())
-            self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
-                                 force=stop or self.step == total)
-            self.preview.maybe_preview(self.step, self.model, self.mcfg, self.optimizer, self.ema, self.metrics,
-                                       self.dist.device)
-            self.ckpt.maybe_finalize()
-            if stop:
-                log.info(f"stopping at step {self.step} on request (signal or time budget); checkpoint saved")
-                break
-        self.ckpt.maybe_finalize(blocking=True)
+        try:
+            while self.step < total:
+                self.watchdog.begin(self.step)
+                t0 = time.perf_counter()
+                batches = [next(data) for _ in range(M)]
+                t_data = time.perf_counter() - t0
+                if self.faults.skip_empty(batches, self.step):
+                    continue
+                self.watchdog.mark(self.step, "compute")
+                t1 = self._t_sync = time.perf_counter()
+                out = self.train_step([b.to(self.dist.device) for b in batches])
+                self.times.record(t_data, self._t_sync - t1)
+                if self.records_metrics:  # host copies of the batches: no device sync for text lengths
+                    for b, r in zip(batches, out["results"]):
+                        k = 0
+                        for part in b.parts:
+                            self.metrics.record_samples(r["per_sample"][k : k + len(part)], part.tasks, part.bucket,
+                                                        tuple(part.latents.shape[2:]), part.mask.sum(1).tolist())
+                            k += len(part)
+                        self.metrics.record_values(r["values"])
+                unhealthy = not out["applied"] or abnormal(out["loss"], self.history)  # the state of this step
+                self.step += 1
+                self.watchdog.end(self.step)
+                self.history.append(out["loss"])
+                self.metrics.record_step(out["lr"], out["grad_norm"], skipped=not out["applied"], data_wait_s=t_data)
+                extra = {**self.faults.share(), **self.times.values(self.step)} if self.metrics.due(self.step) else None
+                self.logged.append(self.metrics.maybe_log(self.step, extra))
+                stop, unhealthy = agree_all([self.signals.requested or self.budget.expired(), unhealthy])
+                if not unhealthy:  # pruning keeps the newest checkpoint up to this state
+                    self.ckpt.healthy = self.step - 1
+                self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.ema, self.common_state(),
+                                     force=stop or self.step == total)
+                self.preview.maybe_preview(self.step, self.model, self.mcfg, self.optimizer, self.ema, self.metrics,
+                                           self.dist.device)
+                self.ckpt.maybe_finalize()
+                if stop:
+                    why = self.signals.signal_name or ("time budget" if self.budget.expired() else "another rank's signal")
+                    log.info(f"stopping at step {self.step} on request ({why}); checkpoint saved")
+                    break
+            self.ckpt.maybe_finalize(blocking=True)
+        except DivergenceError as err:
+            raise self.diverged(err) from None
+        except BadDataError as err:
+            StopMarker(self.cfg.run_dir).write(str(err))
+            raise
+        finally:
+            self.watchdog.stop()
         self.metrics.close()
         self.signals.uninstall()
+        if self.lock is not None:
+            self.lock.release()
         return 0
+
+    def diverged(self, err: DivergenceError) -> DivergenceError:
+        """Leave `latest` at the last healthy checkpoint (every rank is here at the same step: the
+        guard's decision is agreed); returns the error to raise, saying what to change."""
+        self.ckpt.maybe_finalize(blocking=True)
+        healthy = last_healthy_step(self.history, self.step - len(self.history), err.first_step)
+        if dist.is_initialized():  # the most careful rank decides (losses live on the last stage)
+            t = torch.tensor([healthy], dtype=torch.int64, device=self.dist.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            healthy = int(t.item())
+        message = [""]
+        if self.dist.rank == 0:
+            message[0] = keep_healthy(self.ckpt.root, healthy, err.first_step, self.cfg)
+            StopMarker(self.cfg.run_dir).write(f"{err} {message[0]}")
+        if dist.is_initialized():  # (before any rank raises) every rank's error says where the run resumes
+            dist.broadcast_object_list(message, src=0)
+        return DivergenceError(f"{err}. {message[0]}", err.first_step)
 
 
 def sequence_length(mcfg, batch) -> int:

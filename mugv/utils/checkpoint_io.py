@@ -106,10 +106,22 @@ def load_release_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a release-format `dit.pt`: a flat dict of tensors (weights_only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"release checkpoint not found: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # truncated or not a torch file
+        raise ValueError(f"{path}: cannot be read as a release dit.pt ({type(err).__name__}: {err})") from err
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a flat dict of tensors (release dit.pt layout)")
     return sd
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """The tensor, or ValueError naming it if it holds NaN or Inf (weights to convert or sample)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{where}: {name} has {bad} non-finite value(s) of {tensor.numel()}: refusing to use "
+                         "these weights (a diverged or corrupt checkpoint)")
+    return tensor
 
 
 def write_json_atomic(path: str, obj) -> None:
