@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from mugv.checkpoint import latest_checkpoint, resolve
 from mugv.checkpoint.checkpointer import Checkpointer, load_checkpoint
-from mugv.checkpoint.lora import LORA_RECORD, read_lora_record
+from mugv.checkpoint.lora import LORA_RECORD, placed
 from mugv.config import to_dict
 from mugv.data.loader import LatentLoader
 from mugv.models.flops import sample_cost
@@ -92,7 +92,7 @@ class Trainer:
         path = latest_checkpoint(self.ckpt.root)
         if path:
             if self.cfg.lora.rank:  # the frozen base first, from where the run's lora.json says
-                self.ckpt.files[LORA_RECORD] = lora.resume_base(self.cfg, path, self.model)
+                self.ckpt.files[LORA_RECORD] = placed(lora.resume_base(self.cfg, path, self.model), self.ckpt.root)
             else:
                 lora.check_no_lora(path)
             common = load_checkpoint(path, self.model, self.optimizer, self.ema)
@@ -106,16 +106,11 @@ class Trainer:
             t = self.cfg.train
             path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
-            if self.cfg.lora.rank:
-                if self.reference is not None and read_lora_record(path) is not None:
-                    raise ValueError(
-                        f"{path} is a LoRA checkpoint: Flow-DPO with LoRA compares against the network with its "
-                        "adapters off, so it starts with fresh adapters on full weights; merge these adapters "
-                        "first (mugv convert to-hf --merge-lora, then from-hf) and start from that")
-                self.ckpt.files[LORA_RECORD] = lora.start_from(self.cfg, path, self.model, opt)
-            else:
-                lora.check_no_lora(path)
-                load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
+            if self.cfg.lora.rank:  # Flow-DPO: fresh adapters (its reference is the start with them off)
+                record = lora.start_from(self.cfg, path, self.model, opt, fresh=self.reference is not None)
+                self.ckpt.files[LORA_RECORD] = placed(record, self.ckpt.root)
+            else:  # a LoRA checkpoint: its merged weights
+                lora.full_start(self.cfg, path, self.model, opt)
             if opt is None:
                 self.optimizer.reload_model_params()  # main fp32 params from the loaded weights
             if self.ema is not None:
