@@ -13,7 +13,7 @@ import torch
 from mugv.checkpoint import resolve
 from mugv.data.synthetic import write_synthetic_pairs
 from tests.dist_harness import run_distributed
-from tests.trainer_utils import base_checkpoint, dataset, lora_overrides, overrides, train_worker
+from tests.trainer_utils import base_checkpoint, dataset, load_worker, lora_overrides, overrides, train_worker
 
 LOG2 = 0.6931472
 
@@ -127,8 +127,11 @@ def lora_dpo_worker(rank, world, ovr, batch):
     chunk.eval()
     with torch.no_grad():
         after = chunk(**batch)
+    from tests.trainer_utils import release_params
+
     return dict(ref=ref, policy=policy, after=after, params=(n, count()), ref_bytes=trainer.reference.param_bytes,
-                kind=trainer.reference.kind, adapters_zero=adapters_zero, history=trainer.history)
+                kind=trainer.reference.kind, adapters_zero=adapters_zero, history=trainer.history,
+                weights=release_params(trainer))
 
 
 def test_lora_dpo_from_lora_sft_checkpoint_references_the_sft_model(sft, tmp_path):
@@ -160,3 +163,7 @@ def test_lora_dpo_from_lora_sft_checkpoint_references_the_sft_model(sft, tmp_pat
     with torch.no_grad():
         exported = MUGDiT.from_state_dict(config, dpo_sd).eval()(**batch)
     assert rel(exported, r["after"]) <= 1e-5 and rel(r["after"], want) > 1e-4, (rel(exported, r["after"]),)
+    # a resume loads the same base (SFT merged, through lora.json) and adapters
+    (resumed,) = run_distributed(load_worker, 1, [*ovr, "train.steps=2"], timeout=300)
+    assert resumed["start"] == 1 and resumed["loaded"].keys() == r["weights"].keys()
+    assert all(torch.equal(resumed["loaded"][k], v) for k, v in r["weights"].items())

@@ -83,8 +83,9 @@ def merge_adapters(path: str, model, record: dict, use_ema: bool = False) -> Non
     request = sharded_tensors(model, _adapter_rows(record["targets"]), empty_shard, prefix)
     try:
         loaded = dist_checkpointing.load(request, path)
-    except Exception as err:  # e.g. raw adapters asked of a weights-only export, or a mismatched model
-        raise RuntimeError(f"{path}: cannot read its {'EMA' if use_ema else 'raw'} LoRA adapters: {err}") from err
+    except Exception as err:  # e.g. the EMA of a run without one (ema.decay = 0), or a different model
+        hint = " (a run with ema.decay = 0 has none: start from its raw adapters)" if use_ema else ""
+        raise RuntimeError(f"{path}: cannot read its {'EMA' if use_ema else 'raw'} LoRA adapters{hint}: {err}") from err
     scale = float(record["alpha"]) / r
     for chunk in model:
         params = dict(unwrap(chunk).named_parameters())
