@@ -69,6 +69,57 @@ def test_two_stages_hand_over_weights_across_layouts_and_skip_when_done(tmp_path
     print(f"two-stage curriculum: {elapsed:.1f} s")
 
 
+def lora_dpo_curriculum(path, root: str, base: str, data: str, pairs: str, stages: int) -> str:
+    """LoRA SFT on `base` -> full-parameter Flow-DPO with `init: previous` (its first `stages`)."""
+    entries = [f"""\
+  - name: sft
+    config: {STAGES}/demo_images.yaml
+    nproc: 2
+    init: {base}
+    overrides: [lora.rank=4, lora.alpha=8, "data.paths=[{data}]", optim.lr=2e-2]
+""", f"""\
+  - name: dpo
+    config: {STAGES}/demo_images.yaml
+    nproc: 2
+    init: previous
+    use_ema: true
+    overrides: [train.objective=flow_dpo, dpo.beta=100, ema.decay=0, train.text_dropout=0, "data.paths=[{pairs}]",
+                optim.lr=0, optim.min_lr=0]
+"""]
+    path.write_text(f"root: {root}\noverrides: [train.steps=2, optim.warmup_steps=1, checkpoint.interval=0, logging.interval=1, "
+                    f"model.caption_channels=32]\nstages:\n" + "".join(entries[:stages]))
+    return str(path)
+
+
+def test_lora_sft_then_dpo_from_its_merged_weights_in_a_moved_root(tmp_path, capfd):
+    """A LoRA SFT stage, the tree of runs (its base inside) moved, then a full-parameter Flow-DPO
+    stage with `init: previous`: it starts from the SFT stage's merged weights (at lr 0 its final
+    checkpoint holds them), the base found through lora.json's relative path."""
+    from mugv.checkpoint.weights import load_release_weights
+    from mugv.data.synthetic import write_synthetic_pairs
+    from tests.trainer_utils import base_checkpoint
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    data, base = dataset(str(tmp_path)), base_checkpoint(str(first))  # the base lives in the tree of runs
+    pairs = str(tmp_path / "pairs")
+    write_synthetic_pairs(pairs, {(1, 4, 4): 8}, text_dim=32, text_len=8)
+    results = run_curriculum(lora_dpo_curriculum(tmp_path / "one.yaml", "unused", base, data, pairs, 1), str(first))
+    assert [(r.name, r.status) for r in results] == [("sft", "completed")]
+    os.rename(first, moved)  # the SFT run's lora.json names its base at its old absolute path
+    cur = lora_dpo_curriculum(tmp_path / "two.yaml", "unused", base, data, pairs, 2)
+    results = run_curriculum(cur, str(moved))
+    assert [(r.name, r.status, r.step) for r in results] == [("sft", "skipped", 2), ("dpo", "completed", 2)]
+    assert f"initialised from {os.path.join(str(moved), 'sft', 'checkpoints', 'step_00000002')}" in capfd.readouterr().out
+    _, sft = load_release_weights(str(moved / "sft"), ema=True)  # the merged export of the SFT adapters' EMA
+    _, dpo = load_release_weights(str(moved / "dpo"))
+    _, plain = load_release_weights(str(moved / "base_ckpt"))
+    assert set(sft) == set(dpo)
+    for k, v in sft.items():
+        assert float((dpo[k] - v).abs().max()) <= 1e-6 * float(v.abs().max()), k
+    assert not torch.equal(sft["blocks.1.mlp.fc2.weight"], plain["blocks.1.mlp.fc2.weight"])
+
+
 def test_stage_with_a_checkpoint_short_of_its_steps_is_resumed_not_skipped(tmp_path):
     cur = write_curriculum(tmp_path, "[optim.decay_steps=1]")  # wsd: warmup + decay fit 3 steps
     stages = resolve_stages(cur, str(tmp_path / "runs"), ["data.paths=[x]"])

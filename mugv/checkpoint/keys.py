@@ -54,6 +54,13 @@ def chunk_rows(chunk) -> list[ParamMap]:
 def model_sharded_state_dict(chunks, prefix: str = "model.") -> dict[str, ShardedTensor]:
     """ShardedTensors of this rank's parameters (the live parameter tensors, so Megatron's
     distributed optimizer can find them), keyed `prefix + global_key`."""
+    return sharded_tensors(chunks, chunk_rows, lambda row, params: params[row.megatron], prefix)
+
+
+def sharded_tensors(chunks, rows_of, tensor_of, prefix: str) -> dict[str, ShardedTensor]:
+    """ShardedTensors of this rank for the weight-map rows `rows_of(chunk)` of each (unwrapped) chunk,
+    keyed `prefix + global_key`, split over TP and replicated as the row's layout says; their data
+    `tensor_of(row, params)` is this rank's TP shard of the row (params: the chunk's parameters)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -62,7 +69,7 @@ def model_sharded_state_dict(chunks, prefix: str = "model.") -> dict[str, Sharde
     for v, wrapped in enumerate(chunks):
         chunk = unwrap(wrapped)
         params = dict(chunk.named_parameters())
-        for row in chunk_rows(chunk):
+        for row in rows_of(chunk):
             key = prefix + global_key(row)
             axis = TP_AXIS[row.layout]
             # copies of a parameter: over TP when not split, over DP always, and over pipeline
@@ -71,7 +78,7 @@ def model_sharded_state_dict(chunks, prefix: str = "model.") -> dict[str, Sharde
             replica = (stage_copy, tp_rank if axis is None else 0, dp_rank)
             offsets = [] if axis is None else [(axis, tp_rank, tp)]
             entry = key if v == 0 or row.release not in _EVERY_STAGE else f"{key}#chunk{v}"
-            out[entry] = ShardedTensor.from_rank_offsets(key, params[row.megatron], *offsets, replica_id=replica)
+            out[entry] = ShardedTensor.from_rank_offsets(key, tensor_of(row, params), *offsets, replica_id=replica)
     return out
 
 

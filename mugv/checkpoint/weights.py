@@ -10,7 +10,8 @@ and refuses a tensor with NaN / Inf.
 
 A LoRA checkpoint (lora.json, mugv.checkpoint.lora) holds adapters only: `read_adapters` gives
 them in the release layout (PEFT names, mugv.models.lora), `iter_merged_weights` streams its base
-with every adapted weight merged (W + alpha/r * B A); `load_release_weights` merges too.
+with every adapted weight merged (W + alpha/r * B A; a base that is itself a LoRA checkpoint is
+merged first); `iter_weights` and `load_release_weights` merge too.
 """
 
 from __future__ import annotations
@@ -117,18 +118,28 @@ def read_adapters(ckpt_dir: str, config: MUGDiTConfig, record: dict, ema: bool =
 def iter_merged_weights(
     ckpt_dir: str, config: MUGDiTConfig, record: dict, ema: bool = False, batch_bytes: int = 2**30
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The release weights of a LoRA checkpoint: its base (as lora.json says) with every adapted
-    weight merged, W + alpha/r * B A (fp32, stored dtype); `ema`: the adapters' EMA."""
+    """The release weights of a LoRA checkpoint: its base (as lora.json says; merged in turn if that
+    is a LoRA checkpoint) with every adapted weight merged, W + alpha/r * B A (fp32, stored dtype);
+    `ema`: the adapters' EMA."""
     base = base_checkpoint(ckpt_dir, record)
     if read_model_config(base) != config:
         raise ValueError(f"{ckpt_dir}: its base {base} is a different model ({read_model_config(base)})")
     adapters = read_adapters(ckpt_dir, config, record, ema)
     scale = float(record["alpha"]) / int(record["rank"])
-    for name, t in iter_release_weights(base, config, record["base_ema"], batch_bytes):
+    for name, t in iter_weights(base, config, record["base_ema"], batch_bytes):
         module = name.removesuffix(".weight")
         if f"{module}.lora_A.weight" in adapters:
             t = merged_weight(t, adapters.pop(f"{module}.lora_A.weight"), adapters.pop(f"{module}.lora_B.weight"), scale)
         yield name, t
+
+
+def iter_weights(ckpt_dir: str, config: MUGDiTConfig, ema: bool = False, batch_bytes: int = 2**30
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The release weights of any checkpoint (a LoRA checkpoint's merged). Call inside dist_session()."""
+    record = read_lora_record(ckpt_dir)
+    if record is not None:
+        return iter_merged_weights(ckpt_dir, config, record, ema, batch_bytes)
+    return iter_release_weights(ckpt_dir, config, ema, batch_bytes)
 
 
 def load_release_weights(path: str, ema: bool = False) -> tuple[MUGDiTConfig, dict[str, torch.Tensor]]:
@@ -136,11 +147,8 @@ def load_release_weights(path: str, ema: bool = False) -> tuple[MUGDiTConfig, di
     checkpoint, its base with the adapters merged."""
     ckpt = resolve(path)
     config = read_model_config(ckpt)
-    record = read_lora_record(ckpt)
     with dist_session():
-        if record is not None:
-            return config, dict(iter_merged_weights(ckpt, config, record, ema))
-        return config, dict(iter_release_weights(ckpt, config, ema))
+        return config, dict(iter_weights(ckpt, config, ema))
 
 
 def write_weights_checkpoint(

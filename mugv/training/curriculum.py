@@ -12,7 +12,7 @@ File format (configs/curriculum/*.yaml, loaded as `CurriculumConfig`; unknown ke
         nproc: 8
         overrides: [optim.lr=1e-4] # this stage only
         init: none                 # previous | none | <checkpoint, run or checkpoints dir>
-        load_optimizer: false      # with init: also take the optimizer state
+        load_optimizer: false      # with init: also take the optimizer state (same parameters only)
         use_ema: false             # with init: start from the EMA weights
 
 A stage's config is resolved as: stage file <- curriculum `overrides` <- stage `overrides` <-
@@ -25,7 +25,8 @@ Running: a stage whose run dir holds a complete checkpoint at train.steps is ski
 `python -m torch.distributed.run ... -m mugv.cli.main train <config> <overrides>` is started
 (mugv.parallel.launch) and
 the trainer resumes from the stage's own latest checkpoint, or else starts from `init` (for
-`previous`, the run dir of the stage before -- at any parallel layout). A stage that exits
+`previous`, the run dir of the stage before -- at any parallel layout; after a LoRA stage, a
+full-parameter stage starts from its merged weights, mugv.training.lora). A stage that exits
 without reaching train.steps (a pre-emption signal or time budget: the trainer saved and exited
 cleanly) or that fails stops the curriculum; running it again continues where it stopped.
 
@@ -180,8 +181,29 @@ def resolve_stages(path: str, root: str | None = None, overrides: Sequence[str] 
             cfg = load_config(TrainConfig, entry.config, ovr)
         except ConfigError as err:
             raise ConfigError(f"{path}: stage {entry.name!r}: {err}") from None
+        if entry.init == "previous":
+            _check_hand_over(stages[-1], entry.name, cfg, entry.load_optimizer, path)
         stages.append(Stage(entry.name, entry.config, ovr, cfg, entry.nnodes, entry.nproc))
     return stages
+
+
+def _check_hand_over(prev: Stage, name: str, cfg: TrainConfig, load_optimizer: bool, path: str) -> None:
+    """What a stage can take from the LoRA or full stage before it (mugv.training.lora): a LoRA
+    stage after a LoRA stage continues its adapters (same settings) unless it is Flow-DPO (fresh
+    adapters on the merged weights); load_optimizer only where the same parameters are trained."""
+    a, b = prev.cfg.lora, cfg.lora
+    same = (a.rank, a.alpha, list(a.targets)) == (b.rank, b.alpha, list(b.targets))
+    continues = a.rank and b.rank and cfg.train.objective == "flow"
+    where = f"{path}: stage {name!r}"
+    if continues and not same:
+        raise ConfigError(f"{where} continues the LoRA adapters of stage {prev.name!r}, which are lora.rank={a.rank}, "
+                          f"lora.alpha={a.alpha}, lora.targets={list(a.targets)}; this stage has lora.rank={b.rank}, "
+                          f"lora.alpha={b.alpha}, lora.targets={list(b.targets)}")
+    if load_optimizer and (a.rank or b.rank) and not continues:
+        what = "LoRA adapters" if a.rank else "all parameters"
+        raise ConfigError(f"{where}: load_optimizer, but stage {prev.name!r} trains {what} and this one does not "
+                          f"continue them (lora.rank {a.rank} -> {b.rank}, train.objective={cfg.train.objective}): "
+                          "its optimizer state does not apply; set load_optimizer: false")
 
 
 def stage_command(rendezvous: Rendezvous, stage: Stage) -> list[str]:

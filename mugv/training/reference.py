@@ -10,9 +10,13 @@ Two kinds:
                TP/PP/CP sharding, same dtype), weights only: no gradients, no optimizer state,
                no EMA, no DDP buffers. It starts as a copy of the policy's initial weights and
                loads train.init_from when the run has one, also on resume, so the reference is
-               always the weights the run started from. Its memory is shown by --dry-run.
+               always the weights the run started from (of a LoRA checkpoint: its merged
+               weights, built per rank as the policy's start, mugv.checkpoint.merged). Its
+               memory is shown by --dry-run.
   AdaptersOff  LoRA: the policy network itself with its adapters switched off
-               (mugv.models.megatron.lora.adapters_disabled): no second copy.
+               (mugv.models.megatron.lora.adapters_disabled): no second copy. Started from a
+               LoRA checkpoint (an SFT run), the policy's frozen base is that checkpoint's merged
+               weights and its adapters are fresh, so the reference is the SFT model.
 
 Under pipeline parallelism the reference runs through the same pipeline as the policy, in the
 same forward step: each stage runs the reference chunk (no grad) next to the policy chunk, and
@@ -59,9 +63,10 @@ class FrozenCopy:
             unwrap(ref).load_state_dict(unwrap(policy).state_dict(), strict=True)
 
     def load(self, path: str, use_ema: bool = False) -> None:
-        from mugv.checkpoint.checkpointer import load_checkpoint
+        """The weights of checkpoint `path` (a LoRA checkpoint's merged weights), this rank's share."""
+        from mugv.checkpoint.merged import load_weights
 
-        load_checkpoint(path, self.chunks, use_ema_weights=use_ema)
+        load_weights(path, self.chunks, use_ema)
 
     @property
     def param_bytes(self) -> int:
@@ -83,7 +88,8 @@ class AdaptersOff:
         self.lora = lora
 
     def load(self, path: str, use_ema: bool = False) -> None:
-        """Nothing to load: the base weights are the policy's own (frozen) weights."""
+        """Nothing to load: the base weights are the policy's own frozen weights (those of `path`,
+        merged if a LoRA checkpoint: mugv.training.lora.start_from)."""
 
     def forward(self, chunk, inputs: dict, hidden: torch.Tensor | None) -> torch.Tensor:
         if hidden is not None:

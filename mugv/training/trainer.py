@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from mugv.checkpoint import resolve
 from mugv.checkpoint.checkpointer import CheckpointCorruptError, Checkpointer, load_checkpoint
 from mugv.checkpoint.locate import set_aside, write_latest
-from mugv.checkpoint.lora import LORA_RECORD, read_lora_record
+from mugv.checkpoint.lora import LORA_RECORD, placed
 from mugv.config import to_dict
 from mugv.data.dataset import BadDataError
 from mugv.data.loader import LatentLoader
@@ -144,7 +144,7 @@ class Trainer:
             break
         if path:
             if record is not None:
-                self.ckpt.files[LORA_RECORD] = record
+                self.ckpt.files[LORA_RECORD] = placed(record, self.ckpt.root)
             if skipped and self.dist.rank == 0:
                 write_latest(self.ckpt.root, os.path.basename(path))
                 log.warning(f"resuming from {path}, the newest checkpoint that verifies (set aside: {skipped})")
@@ -162,16 +162,11 @@ class Trainer:
             t = self.cfg.train
             path = resolve(t.init_from)
             opt = self.optimizer if t.init_load_optimizer else None
-            if self.cfg.lora.rank:
-                if self.reference is not None and read_lora_record(path) is not None:
-                    raise ValueError(
-                        f"{path} is a LoRA checkpoint: Flow-DPO with LoRA compares against the network with its "
-                        "adapters off, so it starts with fresh adapters on full weights; merge these adapters "
-                        "first (mugv convert to-hf --merge-lora, then from-hf) and start from that")
-                self.ckpt.files[LORA_RECORD] = lora.start_from(self.cfg, path, self.model, opt)
-            else:
-                lora.check_no_lora(path)
-                load_checkpoint(path, self.model, opt, ema=None, use_ema_weights=t.init_use_ema)
+            if self.cfg.lora.rank:  # Flow-DPO: fresh adapters (its reference is the start with them off)
+                record = lora.start_from(self.cfg, path, self.model, opt, fresh=self.reference is not None)
+                self.ckpt.files[LORA_RECORD] = placed(record, self.ckpt.root)
+            else:  # a LoRA checkpoint: its merged weights
+                lora.full_start(self.cfg, path, self.model, opt)
             if opt is None:
                 self.optimizer.reload_model_params()  # main fp32 params from the loaded weights
             if self.ema is not None:
