@@ -250,6 +250,15 @@ def test_train_without_data_paths_fails_fast_with_one_line_and_no_process_group(
     print(f"config error after {elapsed:.1f} s (wall, with interpreter start-up, on a shared machine)")
 
 
+def test_config_validation_does_not_import_megatron():
+    """Loading and validating a config stays light (seconds, not Megatron-Core's start-up)."""
+    code = ("import sys; from mugv.config import load_config; from mugv.training.config import TrainConfig; "
+            f"load_config(TrainConfig, {STAGE!r}, ['data.paths=[x]']); "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 # -- keys, show, packaged configs ---------------------------------------------------------------
 
 

@@ -1,21 +1,26 @@
 """MUGDiT on Megatron-Core: config, layer specs (local / Transformer Engine), model chunks and
-the release <-> Megatron weight map."""
+the release <-> Megatron weight map.
 
-from mugv.models.megatron.config import MUGDiTTransformerConfig, megatron_config
-from mugv.models.megatron.model import (
-    MUGDiTMegatron,
-    build_model_chunks,
-    packed_sequence_length,
-    padded_sequence_length,
-)
-from mugv.models.megatron.spec import get_layer_spec
+The names below load megatron.core on first use, so that importing a light submodule (the weight
+map's tables, which config validation reads) does not pay for it: `mugv train` rejects a bad
+config before Megatron-Core is imported."""
 
-__all__ = [
-    "MUGDiTMegatron",
-    "MUGDiTTransformerConfig",
-    "build_model_chunks",
-    "get_layer_spec",
-    "megatron_config",
-    "packed_sequence_length",
-    "padded_sequence_length",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "MUGDiTTransformerConfig": "config",
+    "megatron_config": "config",
+    "MUGDiTMegatron": "model",
+    "build_model_chunks": "model",
+    "packed_sequence_length": "model",
+    "padded_sequence_length": "model",
+    "get_layer_spec": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
