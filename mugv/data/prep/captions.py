@@ -20,29 +20,35 @@ class PrepItem:
     frames: tuple[int, int] | None = None  # (start, end) source frames of a video; None = whole file
 
 
+def read_rows(path: str, what: str, media_root: str = "") -> tuple[list[dict], str]:
+    """The rows of a prep input file `path` (.csv with a header, or .jsonl; `what` names it in
+    errors) and the folder its relative media paths resolve against (media_root, default: the
+    file's own folder)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    root = media_root or os.path.dirname(os.path.abspath(path))
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f)), root
+    if not path.endswith(".jsonl"):
+        raise ValueError(f"{path}: {what} must be a .csv or .jsonl file")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+    return rows, root
+
+
 def read_captions(
     path: str, path_column: str = "path", caption_column: str = "caption", media_root: str = ""
 ) -> list[PrepItem]:
     """Rows of a .csv (with a header) or .jsonl file; relative paths resolve against media_root
     (default: the captions file's directory). Duplicate paths keep their first caption."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"captions file not found: {path}")
-    root = media_root or os.path.dirname(os.path.abspath(path))
-    rows: list[dict] = []
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-    elif path.endswith(".csv"):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-    else:
-        raise ValueError(f"{path}: captions must be a .csv or .jsonl file")
+    rows, root = read_rows(path, "captions", media_root)
     items, seen = [], set()
     for n, row in enumerate(rows, 1):
         if path_column not in row or caption_column not in row:

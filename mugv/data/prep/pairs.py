@@ -10,12 +10,11 @@ and written together with the caption's text (see pipeline.run_prep and mugv.dat
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass
 
 from mugv.data.buckets import BucketTable
+from mugv.data.prep.captions import read_rows
 from mugv.data.prep.media import Clip, MediaError, is_image, read_image, read_video
 
 COLUMNS = ("caption", "chosen", "rejected")
@@ -33,23 +32,7 @@ def read_pairs(path: str, media_root: str = "") -> list[PairItem]:
     """Rows of a .csv (with a header) or .jsonl file with columns caption, chosen, rejected;
     relative paths resolve against media_root (default: the file's directory). A repeated
     (chosen, rejected) row keeps its first caption."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pairs file not found: {path}")
-    root = media_root or os.path.dirname(os.path.abspath(path))
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-    elif path.endswith(".csv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"{path}: pairs must be a .csv or .jsonl file")
+    rows, root = read_rows(path, "pairs", media_root)
     items, seen = [], set()
     for n, row in enumerate(rows, 1):
         missing = [c for c in COLUMNS if not str(row.get(c) or "").strip()]
