@@ -1,6 +1,6 @@
 """Benchmark the latent loader against raw disk reads of the same shard files.
 
-    python tools/bench_loader.py [--samples 40] [--workers 2] [--dir NEW_DIR] [--keep]
+    python tools/bench_loader.py [--samples 100] [--workers 2] [--dir NEW_DIR] [--keep]
 
 Writes a synthetic dataset of 720p-shaped latents (24 x 14 x 90 x 160 float32, ~19 MB each,
 one per micro-batch under the default token budget), then measures, each from a cold page cache
@@ -101,7 +101,7 @@ def loader_read(root: str, workers: int, cold_files: list[str] | None, sizes: di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=40)
+    p.add_argument("--samples", type=int, default=100, help="samples written (~19 MB each); the cold run times all but the first 12, the warm run all but 8")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
     p.add_argument("--dir", default=None, help="a new directory for the dataset (default: a temp dir)")
