@@ -101,7 +101,8 @@ def loader_read(root: str, workers: int, cold_files: list[str] | None, sizes: di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=100, help="samples written (~19 MB each); the cold run times all but the first 12, the warm run all but 8")
+    p.add_argument("--samples", type=int, default=100,
+                   help="samples written (~19 MB each); cold runs time all but the first 12, warm runs all but 8")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
     p.add_argument("--dir", default=None, help="a new directory for the dataset (default: a temp dir)")
