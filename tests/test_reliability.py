@@ -19,7 +19,7 @@ import torch
 from mugv.checkpoint import latest_checkpoint
 from mugv.checkpoint.weights import load_release_weights
 from tests.dist_harness import run_distributed
-from tests.trainer_utils import dataset, overrides, train_worker
+from tests.trainer_utils import dataset, overrides, processes_of, train_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = os.path.join(REPO, "tools", "faults")
@@ -69,20 +69,6 @@ class Run:
         return "".join(line for _, line in self.lines)
 
 
-def processes_of(run_dir: str) -> list[int]:
-    """Live processes whose command line names the run directory (launcher, agent, ranks)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f"run_dir={run_dir}".encode() in f.read():
-                        out.append(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 def ranks_of(run_dir: str) -> list[int]:
     """The training processes (torchrun starts them as `python -u -m mugv.cli.main train ...`)."""
     out = []
@@ -97,7 +83,7 @@ def ranks_of(run_dir: str) -> list[int]:
 def no_leftovers(tmp_path):
     """After the test, kill (by pid) anything of its runs that is still alive."""
     yield
-    for pid in processes_of(str(tmp_path)):
+    for pid in processes_of(str(tmp_path), below=True):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -91,3 +91,19 @@ def base_checkpoint(root: str, seed: int = 3) -> str:
 
 def lora_overrides(base: str, *extra: str) -> list[str]:
     return ["lora.rank=4", "lora.alpha=8", f"train.init_from={base}", *extra]
+
+
+def processes_of(run_dir: str, below: bool = False) -> list[int]:
+    """Live processes whose command line names the run directory `run_dir` (launcher, agent,
+    ranks), or with `below` any run directory under it."""
+    want = f"run_dir={run_dir}".encode() + (b"" if below else b"\0")
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if want in f.read() + b"\0":
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out

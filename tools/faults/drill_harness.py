@@ -17,6 +17,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 REF_STEPS = 40
 
+from tests.trainer_utils import processes_of  # noqa: E402
+
 
 @dataclass
 class Outcome:
@@ -75,19 +77,6 @@ class Job:
         """The last `step N/` the job logged."""
         steps = [int(x.split("step ", 1)[1].split("/", 1)[0]) for _, x in self.lines if "INFO r0] step " in x]
         return steps[-1] if steps else 0
-
-
-def processes_of(run_dir: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f"run_dir={run_dir}\0".encode() in f.read() + b"\0":
-                        out.append(int(pid))
-            except OSError:
-                pass
-    return out
 
 
 def kill_all(run_dir: str) -> None:
