@@ -1,6 +1,7 @@
 """Checkpoints, previews and failures at scale, measured per rank on gloo: each rank writes its
 own share of the training state within a bounded host-memory overhead, a DP2 checkpoint loads at
-TP2 / PP2 / DP1, previews sample the live sharded model, and one failing rank ends the job."""
+TP2 / PP2 / DP1, a weights-only start reads 1/DP of the weights per rank at DP 1 / 2 / 4, previews
+sample the live sharded model, and one failing rank ends the job."""
 
 import os
 import shutil
@@ -12,7 +13,7 @@ import time
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.trainer_utils import dataset, load_worker, overrides, train_worker
+from tests.trainer_utils import base_checkpoint, dataset, load_worker, overrides, train_worker
 from tools.bench_checkpoint import run as bench_checkpoint
 
 MB = 2**20
@@ -47,6 +48,38 @@ def test_dp2_checkpoint_loads_at_tp2_pp2_and_dp1(tmp_path):
         assert loaded.keys() == saved.keys(), layout
         for k, v in saved.items():
             assert torch.equal(loaded[k], v), (layout, k)
+
+
+def weights_start_worker(rank, world, ovr):
+    """A start from train.init_from (weights only): the weights and the checkpoint bytes read."""
+    from mugv.config import load_config
+    from mugv.training.config import TrainConfig
+    from mugv.training.trainer import Trainer
+    from tests.trainer_utils import release_params
+    from tools.bench_merged_init import bytes_read
+
+    trainer = Trainer(load_config(TrainConfig, None, ovr))
+    with bytes_read() as read:
+        trainer.resume()
+    return dict(weights=release_params(trainer), bytes=read["bytes"])
+
+
+def test_a_weights_only_start_reads_one_dp_share_per_rank(tmp_path):
+    """The weights every DP replica holds are read once over the replicas (each rank 1/DP of them,
+    exchanged), and every rank ends with exactly the weights a single process loads."""
+    data, base = dataset(str(tmp_path)), base_checkpoint(str(tmp_path))
+    per_dp = {}
+    for world in (1, 2, 4):
+        ovr = overrides(str(tmp_path / f"dp{world}"), data, 1, f"train.init_from={base}")
+        per_dp[world] = run_distributed(weights_start_worker, world, ovr, timeout=300)
+    whole = per_dp[1][0]
+    print("bytes read per rank:", {w: [r["bytes"] for r in rs] for w, rs in per_dp.items()})
+    for world, results in per_dp.items():
+        for r in results:
+            assert r["weights"].keys() == whole["weights"].keys()
+            assert all(torch.equal(r["weights"][k], v) for k, v in whole["weights"].items()), world
+        assert sum(r["bytes"] for r in results) == whole["bytes"], world  # nothing read twice
+        assert max(r["bytes"] for r in results) <= 1.25 * whole["bytes"] / world, world
 
 
 def preview_worker(rank, world, ovr):

@@ -1,5 +1,5 @@
 """Bytes each rank reads to start a full-parameter run from a LoRA checkpoint (merged weights,
-mugv.checkpoint.merged), against a plain start from its base, at TP1 / TP2 / PP2 on gloo.
+mugv.checkpoint.merged), against a plain start from its base, at TP1 / TP2 / PP2 / TP2xPP2 / DP2 / DP4 on gloo.
 
     python tools/bench_merged_init.py [--hidden 288] [--depth 4] [--rank 16] [--dir DIR]
 
@@ -11,7 +11,8 @@ chunks a rank's requests overlap; each is read whole) during the merged start, a
 plain weights-only load of the base into the same chunks. The difference is what merging costs:
 the rank's own layers' adapter shards. At TP1 a rank reads the whole model; at PP2 each stage its
 own layers (plus the conditioning embedders every stage holds); at TP2 its TP shards plus the
-replicated tensors. (Checkpoint metadata files are read by every rank and not counted.)
+replicated tensors; at DP2 / DP4 each replica about 1/DP of it all (the replicas exchange what
+they read). (Checkpoint metadata files are read by every rank and not counted.)
 """
 
 from __future__ import annotations
@@ -86,13 +87,15 @@ def prepare(root: str, hidden: int, depth: int, rank: int) -> tuple[list[str], s
     return common, base, sft
 
 
-def run(root: str, hidden: int, depth: int, rank: int, layouts=("tp1", "tp2", "pp2")) -> dict[str, list[dict]]:
+def run(root: str, hidden: int, depth: int, rank: int, layouts=("tp1", "tp2", "pp2", "tp2pp2", "dp2", "dp4")) -> dict[str, list[dict]]:
     """Per layout, per rank: bytes read by the merged start and by a plain start from the base."""
     from mugv.checkpoint import resolve
     from tests.dist_harness import run_distributed
 
     common, base, sft = prepare(root, hidden, depth, rank)
-    settings = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2", "train.microbatches=2"])}
+    pp2 = ["parallel.pp=2", "train.microbatches=2"]
+    settings = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, pp2), "tp2pp2": (4, ["parallel.tp=2", *pp2]),
+                "dp2": (2, []), "dp4": (4, [])}
     out = {}
     for name in layouts:
         world, extra = settings[name]

@@ -96,6 +96,21 @@ def _save_strategy():
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
+def replicated_load_strategy(path: str):
+    """For tensors every DP x CP replica holds (weights, not optimizer slices): each replica reads
+    its share of the files and they exchange the rest (broadcast), so a rank reads 1/(DP x CP) of
+    its weights instead of all of them. None (the plain strategy) without replicas."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if group.size() == 1:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
 def optimizer_state(optimizer, model_sd: dict) -> dict:
     """ShardedTensors of this rank's fp32 main parameters and Adam moments (views of the live state)."""
     prime_optimizer_state(optimizer)
@@ -298,7 +313,8 @@ def load_checkpoint(path: str, model, optimizer=None, ema=None, use_ema_weights:
         template = dict(model_sd)  # read straight into the parameters
     if ema is not None:
         template.update(ema.state_tensors(model_sd))
-    copy_loaded(template, dist_checkpointing.load(template, path))
+    strategy = None if optimizer is not None else replicated_load_strategy(path)  # slices are each rank's own
+    copy_loaded(template, dist_checkpointing.load(template, path, sharded_strategy=strategy))
     if optimizer is not None:
         for opt in optimizers(optimizer):
             for st in getattr(opt, "optimizer", opt).state.values():

@@ -21,15 +21,16 @@ each rank builds in the model's own sharded layout, with no whole-model tensor a
      and an fp32 base the base is rounded when loaded, so the result can differ from loading the
      merged export by one bf16 rounding step.
 
-Bytes read per rank: a weights-only start's plus its own layers' adapter shards
-(tools/bench_merged_init.py measures both at TP1 / TP2 / PP2).
+Bytes read per rank: a weights-only start's plus its own layers' adapter shards, both shared
+over the DP x CP replicas (tools/bench_merged_init.py measures them at TP1 / TP2 / PP2 / TP2xPP2 /
+DP2 / DP4).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mugv.checkpoint.checkpointer import load_checkpoint
+from mugv.checkpoint.checkpointer import load_checkpoint, replicated_load_strategy
 from mugv.checkpoint.integrity import CheckpointCorruptError, verify_collective
 from mugv.checkpoint.keys import global_key, sharded_tensors, unwrap
 from mugv.checkpoint.lora import base_checkpoint, read_lora_record
@@ -86,7 +87,7 @@ def merge_adapters(path: str, model, record: dict, use_ema: bool = False) -> Non
     prefix = "ema." if use_ema else "model."
     request = sharded_tensors(model, _adapter_rows(record["targets"]), empty_shard, prefix)
     try:
-        loaded = dist_checkpointing.load(request, path)
+        loaded = dist_checkpointing.load(request, path, sharded_strategy=replicated_load_strategy(path))
     except Exception as err:  # e.g. the EMA of a run without one (ema.decay = 0), or a different model
         hint = " (a run with ema.decay = 0 has none: start from its raw adapters)" if use_ema else ""
         raise RuntimeError(f"{path}: cannot read its {'EMA' if use_ema else 'raw'} LoRA adapters{hint}: {err}") from err
