@@ -13,7 +13,15 @@ from mugv.models.megatron.weight_map import LORA_TARGETS
 from mugv.models.mugdit import PRESETS
 from mugv.training.plan import lora_params_per_block
 from tests.dist_harness import DistributedRankError, run_distributed
-from tests.trainer_utils import base_checkpoint, dataset, load_worker, lora_overrides, overrides, train_worker
+from tests.trainer_utils import (
+    assert_resume_is_exact,
+    base_checkpoint,
+    dataset,
+    load_worker,
+    lora_overrides,
+    overrides,
+    train_worker,
+)
 
 
 def adapters_only_worker(rank, world, ovr):
@@ -74,14 +82,8 @@ def test_optimizer_ddp_and_ema_hold_only_adapters(tmp_path):
 
 def test_lora_resume_is_exact_and_checkpoint_holds_adapters(tmp_path):
     data, base = dataset(str(tmp_path)), base_checkpoint(str(tmp_path))
-    lo = lora_overrides(base)
-    full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 4, *lo), timeout=300)
-    half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 2, *lo), timeout=300)
-    rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 4, *lo), timeout=300)
-    assert half[0]["history"] + rest[0]["history"] == full[0]["history"]
-    for k, v in full[0]["params"].items():
-        assert torch.equal(rest[0]["params"][k], v), k
-    ckpt = os.path.join(str(tmp_path / "b"), "checkpoints", "step_00000004")
+    resumed = assert_resume_is_exact(str(tmp_path), data, 4, *lora_overrides(base))
+    ckpt = os.path.join(resumed, "checkpoints", "step_00000004")
     with open(os.path.join(ckpt, "lora.json")) as f:
         record = json.load(f)
     assert record["base"] == os.path.abspath(base) and record["rank"] == 4 and not record["base_ema"]

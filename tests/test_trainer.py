@@ -12,7 +12,7 @@ import torch
 
 from mugv.checkpoint import latest_checkpoint
 from tests.dist_harness import DistributedRankError, run_distributed
-from tests.trainer_utils import dataset, load_worker, overrides, train_worker
+from tests.trainer_utils import assert_resume_is_exact, dataset, load_worker, overrides, train_worker
 
 
 def overfit_worker(rank, world, ovr, steps):
@@ -46,13 +46,7 @@ def test_resume_is_exact(tmp_path, layout):
     the replicated mixed-precision optimizer (every DP rank holds each slice, the fully parallel
     save writes it once, a resume reads the fp32 main params back into every rank); packed
     micro-batches of images and clips (the packed sampler's state, the model's packed path)."""
-    data = dataset(str(tmp_path))
-    full = run_distributed(train_worker, 2, overrides(str(tmp_path / "a"), data, 12, *layout), timeout=300)
-    half = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 6, *layout), timeout=300)
-    rest = run_distributed(train_worker, 2, overrides(str(tmp_path / "b"), data, 12, *layout), timeout=300)
-    assert half[0]["history"] + rest[0]["history"] == full[0]["history"]
-    for k, v in full[0]["params"].items():
-        assert torch.equal(rest[0]["params"][k], v), k
+    assert_resume_is_exact(str(tmp_path), dataset(str(tmp_path)), 12, *layout)
 
 
 def test_resharded_resume(tmp_path):

@@ -107,3 +107,18 @@ def processes_of(run_dir: str, below: bool = False) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def assert_resume_is_exact(root: str, data: str, steps: int, *extra: str) -> str:
+    """Train `steps` steps on 2 ranks in one go and, in run directory root/b, half of them, then
+    resume to `steps`: the losses and final weights are bit-identical. Returns root/b."""
+    from tests.dist_harness import run_distributed
+
+    resumed = os.path.join(root, "b")
+    full = run_distributed(train_worker, 2, overrides(os.path.join(root, "a"), data, steps, *extra), timeout=300)
+    half = run_distributed(train_worker, 2, overrides(resumed, data, steps // 2, *extra), timeout=300)
+    rest = run_distributed(train_worker, 2, overrides(resumed, data, steps, *extra), timeout=300)
+    assert half[0]["history"] + rest[0]["history"] == full[0]["history"]
+    for k, v in full[0]["params"].items():
+        assert torch.equal(rest[0]["params"][k], v), k
+    return resumed
