@@ -92,7 +92,7 @@ def to_release(ddp_chunks, what: str, distopt: bool, num_heads: int) -> dict[str
 def build_parallel(layout: Layout, dit_kwargs: dict, release_sd, variable_seq_lengths: bool = False):
     """(megatron config, DDP chunks, optimizer) of the release weights at `layout` on this rank."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
@@ -101,6 +101,7 @@ def build_parallel(layout: Layout, dit_kwargs: dict, release_sd, variable_seq_le
     from mugv.models.megatron.config import grad_accumulation_fusion_available
     from mugv.models.megatron.lora import LoRASettings, prepare_lora
     from mugv.models.megatron.weight_map import release_to_chunk
+    from mugv.parallel.ddp import WriteFirstDDP
     from mugv.parallel.grads import finalize_grads
     from mugv.parallel.runtime import init_distributed
 
@@ -137,7 +138,7 @@ def build_parallel(layout: Layout, dit_kwargs: dict, release_sd, variable_seq_le
         grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distopt,
         overlap_grad_reduce=layout.overlap, bucket_size=20000,
     )
-    model = [DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=c) for c in chunks]
+    model = [WriteFirstDDP(config=cfg, ddp_config=ddp_cfg, module=c) for c in chunks]  # as mugv.training.build
     cfg.finalize_model_grads_func = finalize_grads
     if layout.overlap:
         cfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync

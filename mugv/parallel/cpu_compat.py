@@ -45,7 +45,8 @@ What it does:
    weight-gradient accumulation (``main_grad += grad_output^T @ input`` in one GEMM) as
    ``Tensor.addmm_``, so ``gradient_accumulation_fusion`` works on CPU as on GPU: the linears'
    weight gradients go straight into DDP's fp32 ``main_grad`` buffer instead of through a
-   separate gradient tensor and a second pass to add it.
+   separate gradient tensor and a second pass to add it. The first product of a step is
+   written, not added, where mugv.parallel.ddp.WriteFirstDDP has left main_grad unzeroed.
 
 Caveats: the mode is thread-local (a TorchFunctionMode lives on the installing thread's stack)
 and is not active in plain tensor/module hooks that run during backward (3. covers custom
@@ -66,6 +67,7 @@ from torch.overrides import TorchFunctionMode
 from mugv.utils.logging import get_logger
 
 _INSTALLED: dict[str, Any] | None = None  # saved originals while installed
+UNWRITTEN = "mugv_unwritten"  # main_grad attribute: holds last step's values, not yet this step's
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -207,14 +209,27 @@ def _cpu_manual_seed(seed: int) -> None:
 
 
 class _CpuWgradAccumulation:
-    """Stand-in for apex's fused_weight_gradient_mlp_cuda (2D input [n, in], grad_output [n, out])."""
+    """Stand-in for apex's fused_weight_gradient_mlp_cuda (2D input [n, in], grad_output [n, out]).
+
+    A main_grad marked `UNWRITTEN` (mugv.parallel.ddp.WriteFirstDDP leaves the weights' part of
+    the buffer unzeroed) takes the step's first product by assignment instead of addition."""
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        first = getattr(main_grad, UNWRITTEN, False)
+        if first:
+            setattr(main_grad, UNWRITTEN, False)
         if total_input.dtype == grad_output.dtype == main_grad.dtype:
-            main_grad.addmm_(grad_output.t(), total_input)
+            if first:
+                torch.mm(grad_output.t(), total_input, out=main_grad)
+            else:
+                main_grad.addmm_(grad_output.t(), total_input)
         else:  # bf16 activations into an fp32 buffer: the unfused path's product, added once
-            main_grad.add_(grad_output.t().mm(total_input))
+            product = grad_output.t().mm(total_input)
+            if first:
+                main_grad.copy_(product)
+            else:
+                main_grad.add_(product)
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 

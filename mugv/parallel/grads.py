@@ -117,6 +117,8 @@ def _divide_by_sample_count(chunks, num_samples: torch.Tensor) -> None:
             "calculate_per_token_loss is set but the step counted no samples: the loss function must "
             "return (sum of per-sample losses, sample count, report) -- see mugv.training.step.sample_mean_loss"
         )
+    if n == 1:  # the sum is the mean: no pass over the gradient buffer
+        return
     for chunk in chunks:
         if hasattr(chunk, "scale_gradients"):
             chunk.scale_gradients(1.0 / n)

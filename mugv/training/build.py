@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 
@@ -16,6 +16,7 @@ from mugv.models.megatron import build_model_chunks, get_layer_spec, megatron_co
 from mugv.models.megatron.config import MUGDiTTransformerConfig, grad_accumulation_fusion_available
 from mugv.models.megatron.lora import LoRASettings, prepare_lora
 from mugv.models.mugdit import MUGDiTConfig
+from mugv.parallel.ddp import WriteFirstDDP
 from mugv.parallel.grads import finalize_grads
 from mugv.training.config import TrainConfig
 
@@ -57,7 +58,8 @@ def lora_settings(cfg: TrainConfig) -> LoRASettings | None:
 
 def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.device) -> list:
     """This rank's chunks, on device, bf16-wrapped if asked, in Megatron DDP (whose main_grad
-    buffers the linears then accumulate weight gradients into directly, where supported)."""
+    buffers the linears then accumulate weight gradients into directly, where supported; on CPU
+    the step's first product is written, mugv.parallel.ddp)."""
     mcfg.gradient_accumulation_fusion = grad_accumulation_fusion_available()
     lora = lora_settings(cfg)
     spec = get_layer_spec(mcfg.backend, mcfg.te_attention, lora=lora) if lora else None
@@ -74,7 +76,7 @@ def build_model(cfg: TrainConfig, mcfg: MUGDiTTransformerConfig, device: torch.d
         bucket_size=cfg.parallel.bucket_size,
     )
     model = [
-        DistributedDataParallel(config=mcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
+        WriteFirstDDP(config=mcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
         for i, c in enumerate(chunks)
     ]
     mcfg.finalize_model_grads_func = finalize_grads
